@@ -1,0 +1,5 @@
+"""genlab evaluation: the importance-weighted estimator, metrics, reports, command line."""
+
+from evaluation.estimator import Estimate, estimate_log_marginal, log_weights
+
+__all__ = ["Estimate", "estimate_log_marginal", "log_weights"]

@@ -1,0 +1,138 @@
+"""``python -m evaluation RUN_DIR`` (console script ``genlab-eval``): ELBO and IWAE of a run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from inference.cli import Parser, fail
+from models.common import GenlabError
+
+DEFAULT_KS = "1,10,100,1000,5000"
+
+
+def _ks(text: str) -> list:
+    try:
+        ks = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise argparse.ArgumentTypeError(f"every k must be at least 1, got {text!r}")
+    return ks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="genlab-eval", description="Estimate log p(x) of a trained run by importance "
+               "sampling with its guide (IWAE) beside the ELBO; per-datapoint values are saved "
+               "to RUN_DIR/eval_<split>.npz.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by genlab-train")
+    p.add_argument("--k", type=_ks, default=_ks(DEFAULT_KS),
+                   help=f"numbers of importance samples; the largest is K (default {DEFAULT_KS})")
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    p.add_argument("--limit", type=int, help="only the first N datapoints of the split")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-gb", type=float, default=1.0, help="memory budget of the estimator")
+    p.add_argument("--data-dir", help="data root (default: the run's, else $GENLAB_DATA)")
+    p.add_argument("--device", default=None)
+    return p
+
+
+def load_run(run_dir, data_dir=None, device=None, expect_system=None):
+    """(config, system module with trained parameters, dataset) of a run directory."""
+    from inference.runner import BEST, CHECKPOINT, RunConfig, load_checkpoint, restore_params
+    from inference.systems import get_system
+
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise GenlabError(f"{run_dir} is not a run directory (no config.json)")
+    cfg = RunConfig.from_dict(json.loads(path.read_text()))
+    if expect_system is not None and cfg.system != expect_system:
+        raise GenlabError(f"{run_dir} holds a {cfg.system!r} run, not {expect_system!r}")
+    if data_dir:
+        cfg.data_dir = data_dir
+    if device:
+        cfg.device = device
+    spec = get_system(cfg.system)
+    ckpt = run_dir / BEST if (run_dir / BEST).exists() else run_dir / CHECKPOINT
+    state = load_checkpoint(ckpt)
+    if state.get("system") != cfg.system:
+        raise GenlabError(f"checkpoint {ckpt} is from a {state.get('system')!r} run, not {cfg.system!r}")
+    system = spec.build(cfg)
+    restore_params(system, state)
+    system.to(cfg.device).eval()
+    data = spec.load_data(cfg).to(cfg.device)
+    return cfg, system, data
+
+
+def evaluate(run_dir, ks, split="test", limit=None, seed=0, memory_gb=1.0, data_dir=None,
+             device=None):
+    """Estimate every datapoint of ``split``; saves ``eval_<split>.npz``/``.json``; returns both."""
+    import pyro
+
+    from evaluation.estimator import estimate_log_marginal
+
+    if limit is not None and limit < 1:
+        raise GenlabError(f"--limit must be a positive integer, got {limit}")
+    if memory_gb <= 0:
+        raise GenlabError(f"--memory-gb must be positive, got {memory_gb}")
+    cfg, system, data = load_run(run_dir, data_dir, device)
+    part = data.split(split)
+    if limit is not None:
+        part = part.head(limit)
+    pyro.set_rng_seed(seed)
+    est = estimate_log_marginal(system.model, system.guide, *part.tensors(), num_samples=max(ks),
+                                ks=ks, memory=int(memory_gb * (1 << 30)))
+    summary = est.summary() | {"split": split, "run": str(run_dir), "system": cfg.system,
+                               "seed": seed}
+    est.save(Path(run_dir) / f"eval_{split}.npz")
+    (Path(run_dir) / f"eval_{split}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return est, summary, cfg
+
+
+def describe(cfg) -> str:
+    """One line naming the run: system, its architecture, data and binarization."""
+    arch = ", ".join(f"{k}={v}" for k, v in cfg.system_args.items() if v is not None)
+    data = "/".join(str(v) for v in cfg.data_args.values() if v is not None)
+    return f"{cfg.system} ({arch}) on {data}, loss {cfg.loss} k={cfg.k}"
+
+
+def format_table(summary: dict, cfg) -> str:
+    lines = [describe(cfg),
+             f"{summary['split']} split, n = {summary['n']}, K = {summary['num_samples']}, "
+             f"seed {summary['seed']}; nats per datapoint, mean ± standard error",
+             f"  {'ELBO':<16}{summary['elbo']['mean']:>12.3f} ± {summary['elbo']['se']:.3f}"]
+    for k, v in summary["iwae"].items():
+        lines.append(f"  {'IWAE k=' + str(k):<16}{v['mean']:>12.3f} ± {v['se']:.3f}")
+    g = summary["gap"]
+    lines.append(f"  {'gap IWAE-ELBO':<16}{g['mean']:>12.3f} ± {g['se']:.3f}")
+    lines.append(f"  k-hat > 0.7 for {100 * summary['khat_gt_0.7']:.1f} % of datapoints; "
+                 f"mean ESS {summary['ess_mean']:.1f} of {summary['num_samples']}")
+    if not summary["per_datapoint"]:
+        lines.append(f"  note: {summary['summed']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        est, summary, cfg = evaluate(ns.run_dir, ns.k, ns.split, ns.limit, ns.seed, ns.memory_gb,
+                                     ns.data_dir, ns.device)
+    except GenlabError as e:
+        return fail(parser.prog, e)
+    if ns.json:
+        out = {"elbo": summary["elbo"]["mean"],
+               "iwae": {str(k): v["mean"] for k, v in summary["iwae"].items()},
+               "khat_gt_0.7": summary["khat_gt_0.7"], "n": summary["n"], "summary": summary}
+        print(json.dumps(out))
+    else:
+        print(format_table(summary, cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""genlab inference: the data module, the one SVI runner, the training command line."""

@@ -1,0 +1,52 @@
+"""What every system shares: the user-error type, the data plate and the MLP block."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import pyro
+import torch
+from torch import nn
+
+
+class GenlabError(Exception):
+    """A user mistake (bad argument, bad file, wrong checkpoint).
+
+    The command lines catch it and print its message as one line on stderr, exit code 2.
+    """
+
+    exit_code = 2
+
+
+def data_plate(batch_size: int, data_size: Optional[int] = None, dim: int = -1):
+    """The ``pyro.plate("data")`` every system puts its datapoints under.
+
+    With ``data_size`` (the full training-set size N) larger than the batch B, the plate is a
+    subsampling plate: Pyro scales every log-probability inside it by N / B, which keeps the
+    mini-batch objective an unbiased estimate of the full-data one while sites outside the
+    plate (global latents) stay unscaled.  Evaluation calls with ``data_size=None``: no scale.
+    """
+    if data_size is None or data_size == batch_size:
+        return pyro.plate("data", batch_size, dim=dim)
+    if data_size < batch_size:
+        raise GenlabError(f"data_size {data_size} is smaller than the batch {batch_size}")
+    return pyro.plate("data", size=data_size, subsample=torch.arange(batch_size), dim=dim)
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
+
+
+def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
+    """Fully connected layers ``sizes[0] -> ... -> sizes[-1]``, nonlinearity between them."""
+    if activation not in _ACTIVATIONS:
+        raise GenlabError(
+            f"unknown activation {activation!r}; choose one of {', '.join(_ACTIVATIONS)}"
+        )
+    if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
+        raise GenlabError(f"layer sizes must be at least two positive integers, got {list(sizes)}")
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(int(a), int(b)))
+        if i < len(sizes) - 2:
+            layers.append(_ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
