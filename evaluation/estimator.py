@@ -317,16 +317,18 @@ def estimate_log_marginal(
         st.per_datapoint = False
 
     per = st.per_datapoint
+    # datapoints are cut into chunks only when the data's size is known from the arguments
+    split = per and n_all is not None
     unit = max(st.bytes_per_unit * _OVERHEAD, 1.0)
     cells = max(1, int(memory // unit))
     kb = min(K, cells)
-    nb = min(n_all, max(1, cells // kb), max(1, int(memory // (8 * 4 * K)))) if per else 1
-    chunks = range(0, n_all, nb) if per else [0]
+    nb = min(n_all, max(1, cells // kb), max(1, int(memory // (8 * 4 * K)))) if split else 1
+    chunks = range(0, n_all, nb) if split else [0]
 
     outs = []
     with torch.no_grad():
         for start in chunks:
-            if per:
+            if split:
                 idx = _leading(args, n_all)
                 cargs = tuple(a[start : start + nb] if i in idx else a for i, a in enumerate(args))
             else:

@@ -154,7 +154,9 @@ def binarize(grey: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- MNIST
 def _mnist_torchvision_root(root: Path, download: bool) -> Path:
     """A writable torchvision root holding the four md5-checked MNIST archives."""
-    work = cache_dir() / "torchvision"
+    # one working copy per data root, so a root's own missing or corrupt file is always reported
+    key = hashlib.md5(str(root.resolve()).encode()).hexdigest()[:12]
+    work = cache_dir() / "torchvision" / key
     raw = work / "MNIST" / "raw"
     missing = []
     for name, md5 in MNIST_FILES.items():

@@ -28,6 +28,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,8 +85,10 @@ class RunConfig:
     def check(self) -> None:
         for name in ("epochs", "batch_size", "k"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name == "epochs" else 1):
-                raise GenlabError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+            least = 0 if name == "epochs" else 1
+            if not isinstance(v, int) or v < least:
+                kind = "a non-negative" if least == 0 else "a positive"
+                raise GenlabError(f"--{name.replace('_', '-')} must be {kind} integer, got {v}")
         if self.limit is not None and self.limit < 1:
             raise GenlabError(f"--limit must be a positive integer, got {self.limit}")
         if not self.lr > 0 or not math.isfinite(self.lr):
@@ -138,11 +141,14 @@ def atomic_save(obj, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -360,7 +366,9 @@ def train(
                 idx = st["perm"][st["step"] * cfg.batch_size : (st["step"] + 1) * cfg.batch_size]
                 rng_before = pyro.util.get_rng_state()
                 args = train_set.batch(idx.to(device), bin_gen)
-                loss = objective(system.model, system.guide, args, n)
+                with warnings.catch_warnings():  # a non-finite loss is reported below, once
+                    warnings.filterwarnings("ignore", message="Encountered NaN")
+                    loss = objective(system.model, system.guide, args, n)
                 value = loss.item()
                 if not math.isfinite(value):
                     pyro.util.set_rng_state(rng_before)

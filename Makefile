@@ -1,0 +1,31 @@
+# genlab: `make demo` (a short VAE training + the ELBO-vs-IWAE table) and `make test`.
+# Both create .venv and install genlab with its dev extras first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= $(or $(GENLAB_DATA),../shared/data)
+DEMO_OUT ?= runs/demo
+
+.PHONY: venv demo test test-slow clean
+
+$(BIN)/genlab-train: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/genlab-train
+
+demo: venv
+	rm -rf $(DEMO_OUT)
+	$(BIN)/python -m inference vae --epochs 3 --latent-dim 20 --data-dir $(DATA) --out $(DEMO_OUT) --seed 0
+	$(BIN)/python -m evaluation $(DEMO_OUT) --k 1,10,100,1000 --limit 1000 --seed 0
+
+test: venv
+	GENLAB_DATA=$(DATA) $(BIN)/python -m pytest -q
+
+test-slow: venv
+	GENLAB_DATA=$(DATA) $(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

@@ -1,0 +1,147 @@
+r"""The Dirichlet–Categorical conjugate pair, as plain Pyro functions, with its closed forms.
+
+Model, for symbols :math:`x_1..x_n \in \{0, .., J-1\}` and concentration :math:`\alpha \in
+(0, \infty)^J`:
+
+.. math::
+
+    p \sim \mathrm{Dirichlet}(\alpha) \quad(\text{global, outside the plate}), \qquad
+    x_i \mid p \sim \mathrm{Categorical}(p), \quad i = 1..n \ (\texttt{pyro.plate("data")}).
+
+With counts :math:`c_j = \#\{i : x_i = j\}`, :math:`A = \sum_j \alpha_j` and
+:math:`n = \sum_j c_j`, conjugacy gives
+
+.. math::
+
+    p \mid x \sim \mathrm{Dirichlet}(\alpha + c), \qquad
+    P(x_{n+1} = j \mid x) = \frac{\alpha_j + c_j}{A + n},
+
+and the evidence of the *ordered* sequence (no multinomial coefficient)
+
+.. math::
+
+    \log p(x_{1:n}) = \log\Gamma(A) - \log\Gamma(A + n)
+        + \sum_j \bigl[\log\Gamma(\alpha_j + c_j) - \log\Gamma(\alpha_j)\bigr].
+
+Guide: :math:`q(p) = \mathrm{Dirichlet}(\beta)`, with ``pyro.param("concentration")``
+initialised to :math:`\alpha` (or a fixed ``concentration``, e.g. the exact posterior
+:math:`\alpha + c`, for which every importance weight equals the evidence).
+
+``alpha`` may be a ``(J,)`` tensor, or a positive scalar (a symmetric prior) together with
+``num_categories``.  Because ``p`` lies outside the data plate, importance-weighted estimates
+of this model are joint (one value for the whole sequence), not per datapoint.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch.distributions import constraints
+
+from models.common import GenlabError
+
+
+def _alpha(alpha, num_categories: Optional[int] = None) -> torch.Tensor:
+    """The ``(J,)`` concentration, checked positive; a scalar is repeated ``num_categories`` times."""
+    a = torch.as_tensor(alpha, dtype=None if torch.is_tensor(alpha) else torch.get_default_dtype())
+    if not torch.is_floating_point(a):
+        a = a.to(torch.get_default_dtype())
+    if a.dim() == 0:
+        if num_categories is None:
+            raise GenlabError("a scalar alpha needs num_categories to say how many symbols there are")
+        a = a.expand(int(num_categories))
+    if a.dim() != 1 or a.shape[0] < 1:
+        raise GenlabError(f"alpha must be a scalar or a 1-D vector, got shape {tuple(a.shape)}")
+    if num_categories is not None and a.shape[0] != int(num_categories):
+        raise GenlabError(
+            f"alpha has {a.shape[0]} entries but num_categories is {num_categories}"
+        )
+    if not bool(torch.all(a > 0)) or not bool(torch.all(torch.isfinite(a))):
+        raise GenlabError(f"every entry of alpha must be positive and finite, got {a.tolist()}")
+    return a
+
+
+def _symbols(x, num_categories: int) -> torch.Tensor:
+    """``x`` as a 1-D long tensor, checked to hold symbols in ``0..num_categories-1``."""
+    x = torch.as_tensor(x)
+    if x.dim() != 1:
+        raise GenlabError(f"x must be a 1-D sequence of symbols, got shape {tuple(x.shape)}")
+    if torch.is_floating_point(x):
+        if not bool(torch.all(x == x.round())):
+            raise GenlabError("x must hold integer symbols, got non-integer values")
+        x = x.long()
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= num_categories):
+        raise GenlabError(
+            f"symbols must lie in 0..{num_categories - 1}, got values from {int(x.min())} "
+            f"to {int(x.max())}"
+        )
+    return x.long()
+
+
+def counts(x, num_categories: int, dtype=None) -> torch.Tensor:
+    """``c_j``, how often each symbol occurs in ``x``, as a ``(J,)`` float tensor."""
+    x = _symbols(x, int(num_categories))
+    return torch.bincount(x, minlength=int(num_categories)).to(dtype or torch.get_default_dtype())
+
+
+def model(x, alpha, num_categories: Optional[int] = None):
+    """p ~ Dirichlet(alpha); x_i ~ Categorical(p) observed under ``pyro.plate("data")``."""
+    a = _alpha(alpha, num_categories)
+    x = _symbols(x, a.shape[0])
+    p = pyro.sample("p", dist.Dirichlet(a))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", dist.Categorical(probs=p), obs=x)
+
+
+def guide(x, alpha, num_categories: Optional[int] = None, concentration=None):
+    """q(p) = Dirichlet(concentration): learnable (initialised to alpha) unless given."""
+    a = _alpha(alpha, num_categories)
+    if concentration is None:
+        beta = pyro.param("concentration", a.detach().clone(), constraint=constraints.positive)
+    else:
+        beta = torch.as_tensor(concentration, dtype=a.dtype)
+        if beta.shape != a.shape:
+            raise GenlabError(
+                f"concentration must have alpha's shape {tuple(a.shape)}, got {tuple(beta.shape)}"
+            )
+        if not bool(torch.all(beta > 0)):
+            raise GenlabError("every entry of the guide's concentration must be positive")
+    pyro.sample("p", dist.Dirichlet(beta))
+
+
+# ----------------------------------------------------------------------------- closed forms
+def posterior_concentration(alpha, counts) -> torch.Tensor:
+    """alpha + c: the concentration of the exact posterior p | x."""
+    a = _alpha(alpha, None if torch.as_tensor(alpha).dim() else len(counts))
+    c = torch.as_tensor(counts, dtype=a.dtype)
+    if c.shape != a.shape or not bool(torch.all(c >= 0)):
+        raise GenlabError(f"counts must be non-negative with alpha's shape {tuple(a.shape)}")
+    return a + c
+
+
+def posterior_predictive(alpha, counts) -> torch.Tensor:
+    """P(x_{n+1} = j | x) = (alpha_j + c_j) / (sum alpha + n)."""
+    post = posterior_concentration(alpha, counts)
+    return post / post.sum()
+
+
+def log_evidence(alpha, x, num_categories: Optional[int] = None) -> torch.Tensor:
+    """log p(x_1..x_n) of the ordered sequence (Dirichlet-multinomial without the coefficient)."""
+    a = _alpha(alpha, num_categories)
+    c = counts(x, a.shape[0], dtype=a.dtype)
+    A, n = a.sum(), c.sum()
+    return (
+        torch.lgamma(A) - torch.lgamma(A + n)
+        + (torch.lgamma(a + c) - torch.lgamma(a)).sum()
+    )
+
+
+def kl_dirichlet(a, b) -> torch.Tensor:
+    """KL(Dirichlet(a) || Dirichlet(b)) in closed form."""
+    a, b = _alpha(a), _alpha(b)
+    if a.shape != b.shape:
+        raise GenlabError(f"both concentrations need the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return torch.distributions.kl_divergence(dist.Dirichlet(a), dist.Dirichlet(b))
