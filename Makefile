@@ -18,7 +18,7 @@ venv: $(BIN)/genlab-train
 
 demo: venv
 	rm -rf $(DEMO_OUT)
-	$(BIN)/python -m inference vae --epochs 3 --latent-dim 20 --data-dir $(DATA) --out $(DEMO_OUT) --seed 0
+	$(BIN)/python -m inference vae --epochs 10 --latent-dim 20 --data-dir $(DATA) --out $(DEMO_OUT) --seed 0
 	$(BIN)/python -m evaluation $(DEMO_OUT) --k 1,10,100,1000 --limit 1000 --seed 0
 
 test: venv

@@ -87,8 +87,12 @@ def counts(x, num_categories: int, dtype=None) -> torch.Tensor:
     return torch.bincount(x, minlength=int(num_categories)).to(dtype or torch.get_default_dtype())
 
 
-def model(x, alpha, num_categories: Optional[int] = None):
-    """p ~ Dirichlet(alpha); x_i ~ Categorical(p) observed under ``pyro.plate("data")``."""
+def model(x, alpha, num_categories: Optional[int] = None, concentration=None):
+    """p ~ Dirichlet(alpha); x_i ~ Categorical(p) observed under ``pyro.plate("data")``.
+
+    ``concentration`` belongs to the guide (model and guide take the same arguments) and is
+    accepted and ignored here.
+    """
     a = _alpha(alpha, num_categories)
     x = _symbols(x, a.shape[0])
     p = pyro.sample("p", dist.Dirichlet(a))

@@ -28,7 +28,8 @@ from models import dirichlet
 from models.common import GenlabError
 from models.vae import VAE
 
-Z = 5.0  # standard errors allowed
+Z = 5.0  # standard errors allowed (two-sided)
+Z_RISE = 4.0  # standard errors by which a one-sided increase must be clear
 
 
 def seed(s: int = 0) -> None:
@@ -52,7 +53,8 @@ def raw_log_weights(model, guide, *args, num_samples, data_plate="data", **kwarg
 # ============================================================================ a. Dirichlet
 ALPHA = torch.tensor([1.0, 2.0, 0.5])
 # 40 symbols (not 3, so no argument is mistaken for the data): counts 20, 12, 8
-XS = torch.tensor([0] * 20 + [1] * 12 + [2] * 8)[torch.randperm(40, generator=torch.Generator().manual_seed(1))]
+XS = torch.tensor([0] * 20 + [1] * 12 + [2] * 8)
+XS = XS[torch.randperm(40, generator=torch.Generator().manual_seed(1))]
 
 
 def test_dirichlet_closed_forms():
@@ -124,7 +126,10 @@ def test_dirichlet_joint_estimate_converges_to_evidence():
     assert float(est.iwae[1][0]) == pytest.approx(float(est.elbo[0]), abs=1e-9)
     gaps = [truth - float(est.iwae[k][0]) for k in ks]
     assert gaps[0] > gaps[1] > gaps[2] > 0
-    assert abs(gaps[3]) < Z * math.sqrt(1.0 / (K // 1000)) * 1.0  # two... 20 groups of 1000
+    # iwae[1000] averages K / 1000 groups, each with sd about se * sqrt(K / 1000): its SE is
+    # about se again, and its bias about half the squared sd of one group
+    se_1000 = se * math.sqrt(K / 1000)
+    assert abs(gaps[3]) < Z * se + se_1000**2
     assert abs(truth - float(est.log_marginal[0])) < gaps[1]
 
 
@@ -200,15 +205,15 @@ def ppca_data(n: int, s: int = 3) -> torch.Tensor:
 
 def test_ppca_per_datapoint_matches_exact_marginal():
     seed(0)
-    x = ppca_data(40)
+    x = ppca_data(60)
     truth = ppca_truth(x)
     model, guide = make_ppca()
     K = 2000
     ks = (1, 10, 100, 1000)
     est = estimate_log_marginal(model, guide, x, num_samples=K, ks=ks)
-    assert est.per_datapoint is True and est.n == 40
-    assert est.log_marginal.shape == est.elbo.shape == est.khat.shape == est.ess.shape == (40,)
-    assert all(v.shape == (40,) for v in est.iwae.values())
+    assert est.per_datapoint is True and est.n == 60
+    assert est.log_marginal.shape == est.elbo.shape == est.khat.shape == est.ess.shape == (60,)
+    assert all(v.shape == (60,) for v in est.iwae.values())
 
     se = delta_se(est)
     assert (se > 0).all() and (se < 0.1).all()
@@ -224,14 +229,15 @@ def test_ppca_per_datapoint_matches_exact_marginal():
     means = [est.iwae[k].mean() for k in ks]
     for k1, k2 in [(1, 10), (10, 100), (1, 1000)]:
         d = est.iwae[k2] - est.iwae[k1]
-        assert d.mean() > Z * d.std(ddof=1) / math.sqrt(d.size), (k1, k2, means)
+        assert d.mean() > Z_RISE * d.std(ddof=1) / math.sqrt(d.size), (k1, k2, means)
     # and approaches the truth from below: the k = 1 gap dwarfs the k = K error
     gap1 = (truth - est.iwae[1]).mean()
     errK = est.log_marginal - truth
-    assert abs(errK.mean()) < Z * errK.std(ddof=1) / math.sqrt(errK.size) + Z * se.mean() / math.sqrt(40)
-    assert gap1 > 10 * abs(errK.mean())
+    se_mean = math.sqrt((se**2).sum()) / se.size  # independent datapoints
+    assert abs(errK.mean()) < Z * se_mean + (se**2).mean()
+    assert gap1 > 10 * (abs(errK.mean()) + se_mean)
     s = est.summary()
-    assert s["n"] == 40 and s["gap"]["mean"] > 0 and s["per_datapoint"] is True
+    assert s["n"] == 60 and s["gap"]["mean"] > 0 and s["per_datapoint"] is True
 
 
 def test_ppca_exact_posterior_guide_has_zero_variance():
@@ -448,25 +454,27 @@ def test_latent_missing_from_guide_is_refused():
 # ============================================================================ g. chunking
 def test_chunking_is_invisible_but_for_the_draws():
     seed(0)
-    x = ppca_data(6)
+    x = ppca_data(4)
     model, guide = make_ppca()
-    K = 64
+    K = 32
     pyro.set_rng_seed(21)
     big = estimate_log_marginal(model, guide, x, num_samples=K, ks=(1, 8))
     pyro.set_rng_seed(21)
+    # memory=1 byte: one particle of one datapoint per chunk (K * N model runs)
     tiny = estimate_log_marginal(model, guide, x, num_samples=K, ks=(1, 8), memory=1)
     assert tiny.per_datapoint is True and tiny.num_samples == K
     for a, b in [(big.log_marginal, tiny.log_marginal), (big.elbo, tiny.elbo),
                  (big.khat, tiny.khat), (big.ess, tiny.ess)]:
-        assert a.shape == b.shape == (6,)
+        assert a.shape == b.shape == (4,)
     assert set(tiny.iwae) == set(big.iwae) == {1, 8, K}
     se = np.sqrt(delta_se(big) ** 2 + delta_se(tiny) ** 2)
     assert (np.abs(big.log_marginal - tiny.log_marginal) < Z * se).all()
     d = big.log_marginal - tiny.log_marginal
-    assert abs(d.mean()) < Z * se.mean() / math.sqrt(d.size) + 1e-12 or abs(d.mean()) < Z * d.std(ddof=1) / math.sqrt(d.size)
+    assert abs(d.mean()) < Z * math.sqrt((se**2).sum()) / d.size
+    assert not np.array_equal(big.log_marginal, tiny.log_marginal)  # other draws, same law
     # the exact guide is deterministic: chunked or not, every value is the truth
     exact_model, exact_guide = make_ppca(mean_factor=1.0, scale_factor=1.0)
-    ex = estimate_log_marginal(exact_model, exact_guide, x, num_samples=K, memory=1)
+    ex = estimate_log_marginal(exact_model, exact_guide, x, num_samples=8, memory=1)
     assert np.abs(ex.log_marginal - ppca_truth(x)).max() < 1e-4
 
 
