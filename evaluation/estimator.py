@@ -42,7 +42,7 @@ from models.common import GenlabError
 #: Default memory budget of one estimator call, bytes.
 DEFAULT_MEMORY = 1 << 30
 #: Bytes of hidden activations etc. assumed per byte of site values and parameters.
-_OVERHEAD = 8
+_OVERHEAD = 3
 
 
 def _import_arviz():
@@ -161,11 +161,14 @@ def log_weights(
     """
     nest = structure.max_plate_nesting
     pdim = -(nest + 1)
-    model_tr, guide_tr = _traces(model, guide, args, kwargs, num_particles, pdim)
+    # the probe already ran with validation; skipping it here saves a third of the time
+    with pyro.validation_enabled(False):
+        model_tr, guide_tr = _traces(model, guide, args, kwargs, num_particles, pdim)
     total = 0.0
     for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
         for name, site in _sample_sites(tr):
-            lp = site["fn"].log_prob(site["value"])
+            with pyro.validation_enabled(False):
+                lp = site["fn"].log_prob(site["value"])
             if site["mask"] is not None:
                 lp = scale_and_mask(lp, mask=site["mask"])
             if lp.dim() > nest + 1:
@@ -290,8 +293,10 @@ def estimate_log_marginal(
 ) -> Estimate:
     """The IWAE estimate of log p(x), the ELBO, IWAE at each k, k-hat and ESS.
 
-    ``args``/``kwargs`` are the model's and guide's arguments; tensor arguments whose first
-    dimension is the data plate's size are cut into chunks of datapoints, and the K particles
+    ``args``/``kwargs`` are the model's and guide's arguments.  Positional tensor arguments are
+    the data: when they share a first dimension N that the data plate follows, they are cut
+    into chunks of datapoints (pass parameters such as a prior's concentration as keywords,
+    which are never cut), and the K particles
     into chunks, so that one chunk's values take about ``memory`` bytes at most.  Log-sum-exp
     is taken in float64 over all K draws of each datapoint.
     """
