@@ -37,6 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-gb", type=float, default=1.0, help="memory budget of the estimator")
     p.add_argument("--data-dir", help="data root (default: the run's, else $GENLAB_DATA)")
     p.add_argument("--device", default=None)
+    p.add_argument("--report", action="store_true",
+                   help="also draw the system's figures into RUN_DIR/figures/")
+    return p
+
+
+def build_compare_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="genlab-eval compare", description="Compare runs of one system on the same "
+               "test datapoints: figures in the first run's figures/ folder.")
+    p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="two or more run directories")
+    p.add_argument("--k", type=_ks, default=_ks(DEFAULT_KS))
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    p.add_argument("--limit", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-gb", type=float, default=1.0)
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", help="folder for the comparison figures (default RUN_A/figures)")
     return p
 
 
@@ -85,7 +102,7 @@ def evaluate(run_dir, ks, split="test", limit=None, seed=0, memory_gb=1.0, data_
         part = part.head(limit)
     pyro.set_rng_seed(seed)
     est = estimate_log_marginal(system.model, system.guide, *part.tensors(), num_samples=max(ks),
-                                ks=ks, memory=int(memory_gb * (1 << 30)))
+                                ks=ks, memory=int(memory_gb * (1 << 30)), progress=True)
     summary = est.summary() | {"split": split, "run": str(run_dir), "system": cfg.system,
                                "seed": seed}
     est.save(Path(run_dir) / f"eval_{split}.npz")
@@ -116,12 +133,45 @@ def format_table(summary: dict, cfg) -> str:
     return "\n".join(lines)
 
 
+def compare_main(argv) -> int:
+    from evaluation.reports import get_report
+
+    parser = build_compare_parser()
+    ns = parser.parse_args(argv)
+    try:
+        if len(ns.run_dirs) < 2:
+            raise GenlabError("compare needs at least two run directories")
+        systems = set()
+        for d in ns.run_dirs:
+            path = Path(d) / "config.json"
+            if not path.exists():
+                raise GenlabError(f"{d} is not a run directory (no config.json)")
+            systems.add(json.loads(path.read_text())["system"])
+        if len(systems) != 1:
+            raise GenlabError(f"compare needs runs of one system, got {sorted(systems)}")
+        paths = get_report(systems.pop()).compare(ns.run_dirs, ns)
+    except GenlabError as e:
+        return fail(parser.prog, e)
+    for p in paths:
+        print(p)
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "compare":
+        return compare_main(argv[1:])
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
         est, summary, cfg = evaluate(ns.run_dir, ns.k, ns.split, ns.limit, ns.seed, ns.memory_gb,
                                      ns.data_dir, ns.device)
+        figures = []
+        if ns.report:
+            from evaluation.reports import get_report
+
+            _, system, data = load_run(ns.run_dir, ns.data_dir, ns.device)
+            figures = get_report(cfg.system).report(Path(ns.run_dir), cfg, system, data, est, ns)
     except GenlabError as e:
         return fail(parser.prog, e)
     if ns.json:
@@ -131,6 +181,8 @@ def main(argv=None) -> int:
         print(json.dumps(out))
     else:
         print(format_table(summary, cfg))
+    for p in figures:
+        print(f"figure: {p}", file=sys.stderr if ns.json else sys.stdout)
     return 0
 
 

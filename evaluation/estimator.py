@@ -330,7 +330,11 @@ def estimate_log_marginal(
     nb = min(n_all, max(1, cells // kb), max(1, int(memory // (8 * 4 * K)))) if split else 1
     chunks = range(0, n_all, nb) if split else [0]
 
+    from tqdm.auto import tqdm
+
     outs = []
+    bar = tqdm(total=len(chunks), desc=f"IWAE K={K}", unit="chunk", leave=False,
+               disable=None if progress else True)
     with torch.no_grad():
         for start in chunks:
             if split:
@@ -343,6 +347,8 @@ def estimate_log_marginal(
                 lw = log_weights(model, guide, cargs, kwargs, min(kb, K - k0), st, data_plate)
                 parts.append(lw.double().reshape(lw.shape[0], -1))
             outs.append(_stats(torch.cat(parts, 0), ks))
+            bar.update(1)
+    bar.close()
     log_marginal = torch.cat([o[0] for o in outs]).cpu().numpy()
     elbo = torch.cat([o[1] for o in outs]).cpu().numpy()
     iwae = {k: torch.cat([o[2][k] for o in outs]).cpu().numpy() for k in ks}
