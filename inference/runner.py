@@ -1,7 +1,8 @@
 """The one SVI runner: every model/guide pair trains through :func:`train`.
 
 A run directory holds ``config.json``, ``metrics.csv`` (one row per epoch), ``steps.csv``
-(the training objective at every step), ``checkpoint.pt`` (the latest state, resumable),
+(the training objective at every step, plus the columns of ``system.step_metrics(*batch)``
+when the system defines that method: a dict of floats, computed after the step), ``checkpoint.pt`` (the latest state, resumable),
 ``best.pt`` (parameters at the best validation ELBO) and ``epoch_<E>.pt`` for kept epochs.
 
 Objective and units: the loss of a mini-batch of B datapoints out of N is an unbiased estimate
@@ -242,7 +243,11 @@ def _write_tables(out: Path, metrics: list, steps: list) -> None:
     cols = ["epoch", "train_elbo", "val_elbo", "seconds", "lr"]
     lines = [",".join(cols)] + [",".join(repr(r[c]) for c in cols) for r in metrics]
     _atomic_text(out / "metrics.csv", "\n".join(lines) + "\n")
-    lines = ["step,epoch,train_elbo"] + [f"{s},{e},{v!r}" for s, e, v in steps]
+    extra = sorted(steps[0][3]) if steps and len(steps[0]) > 3 else []
+    lines = [",".join(["step", "epoch", "train_elbo", *extra])]
+    for row in steps:
+        values = [repr(float(row[3][k])) for k in extra] if extra else []
+        lines.append(",".join([str(row[0]), str(row[1]), repr(row[2]), *values]))
     _atomic_text(out / "steps.csv", "\n".join(lines) + "\n")
 
 
@@ -334,6 +339,7 @@ def train(
     if state is None:
         save("epoch_0.pt" if 0 in cfg.keep_epochs else None)
 
+    step_metrics = getattr(system, "step_metrics", None)
     stop = {"flag": False}
     handler_installed = False
     try:
@@ -382,7 +388,11 @@ def train(
                 opt.step()
                 per_point = -value / n
                 st["loss_sum"] += per_point * len(idx)
-                st["steps"].append((st["global_step"], st["epoch"] + 1, per_point))
+                row = (st["global_step"], st["epoch"] + 1, per_point)
+                if step_metrics is not None:  # the system's own per-step diagnostics
+                    with torch.no_grad():
+                        row = row + (step_metrics(*args),)
+                st["steps"].append(row)
                 st["step"] += 1
                 st["global_step"] += 1
                 steps_this_call += 1
