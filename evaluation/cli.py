@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by genlab-train")
     p.add_argument("--k", type=_ks, default=_ks(DEFAULT_KS),
                    help=f"numbers of importance samples; the largest is K (default {DEFAULT_KS})")
-    p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    p.add_argument("--split", default="test",
+                   help="train, valid, test, or an extra split of the run's data (holdout)")
     p.add_argument("--limit", type=int, help="only the first N datapoints of the split")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seed", type=int, default=0)
@@ -47,7 +48,7 @@ def build_compare_parser() -> argparse.ArgumentParser:
                "test datapoints: figures in the first run's figures/ folder.")
     p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="two or more run directories")
     p.add_argument("--k", type=_ks, default=_ks(DEFAULT_KS))
-    p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-gb", type=float, default=1.0)

@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from models.common import GenlabError
+from models.common import GenlabError, check_binary  # noqa: F401  (re-exported)
 
 BINARIZATIONS = ("dynamic", "fixed", "threshold", "larochelle")
 DATASETS = ("mnist", "binarized-mnist")
@@ -110,15 +110,20 @@ class Dataset:
     valid: Split
     test: Split
     source: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # further named evaluation splits (e.g. holdout)
 
     def split(self, name: str) -> Split:
-        if name not in ("train", "valid", "test"):
-            raise GenlabError(f"unknown split {name!r}; choose train, valid or test")
-        return getattr(self, name)
+        if name in ("train", "valid", "test"):
+            return getattr(self, name)
+        if name in self.extra:
+            return self.extra[name]
+        names = ", ".join(["train", "valid", "test", *self.extra])
+        raise GenlabError(f"unknown split {name!r}; this data set has {names}")
 
     def to(self, device) -> "Dataset":
         return Dataset(self.name, self.binarization, self.train.to(device), self.valid.to(device),
-                       self.test.to(device), self.source)
+                       self.test.to(device), self.source,
+                       {k: v.to(device) for k, v in self.extra.items()})
 
 
 # ----------------------------------------------------------------------------- file checks
@@ -328,22 +333,70 @@ def load_images(
     binarization: Optional[str] = None,
     data_dir: Optional[str] = None,
     download: bool = True,
+    holdout: Optional[str] = None,
+    holdout_fraction: float = 0.05,
 ) -> Dataset:
-    """MNIST (``dataset="mnist"``) or Larochelle's binarized MNIST (``"binarized-mnist"``)."""
+    """MNIST (``dataset="mnist"``) or Larochelle's binarized MNIST (``"binarized-mnist"``).
+
+    ``holdout="pca-top"`` / ``"pca-bottom"`` removes the training images in the top / bottom
+    ``holdout_fraction`` along the first principal component and offers them as the extra
+    split ``"holdout"`` (see :func:`pca_holdout`).
+    """
     if dataset == "mnist":
-        return load_mnist(data_dir, binarization or "dynamic", download)
-    if dataset == "binarized-mnist":
+        data = load_mnist(data_dir, binarization or "dynamic", download)
+    elif dataset == "binarized-mnist":
         if binarization not in (None, "larochelle"):
             raise GenlabError(
                 f"binarized-mnist comes binarized (larochelle); binarization {binarization!r} "
                 "applies to the mnist dataset"
             )
-        return load_binarized_mnist(data_dir, download)
-    raise GenlabError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        data = load_binarized_mnist(data_dir, download)
+    else:
+        raise GenlabError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if holdout is not None:
+        data = pca_holdout(data, holdout, holdout_fraction)
+    return data
 
 
-def check_binary(x: torch.Tensor, what: str = "images") -> None:
-    """Bernoulli likelihoods only ever see 0/1 data."""
-    if not bool(((x == 0) | (x == 1)).all()):
-        bad = x[(x != 0) & (x != 1)][0].item()
-        raise GenlabError(f"{what} must be 0/1 for a Bernoulli likelihood; found the value {bad:g}")
+HOLDOUTS = ("pca-top", "pca-bottom")
+
+
+def first_principal_component(x: torch.Tensor):
+    """(mean, unit direction) of the first principal component of the rows of ``x``.
+
+    The sign is fixed so that the direction's largest-magnitude loading is positive.
+    """
+    mean = x.mean(0)
+    xc = (x - mean).double()
+    _, vecs = torch.linalg.eigh(xc.T @ xc)
+    v = vecs[:, -1]
+    v = v * torch.sign(v[v.abs().argmax()])
+    return mean, v.float()
+
+
+def pca_holdout(data: Dataset, which: str, fraction: float = 0.05) -> Dataset:
+    """An "extreme" holdout: one-dimensional PCA of the training images (grey levels or bits),
+    then the top or bottom ``fraction`` of them along it leave ``train`` for the ``holdout``
+    split (binarized once with a fixed seed, like every evaluation split)."""
+    if which not in HOLDOUTS:
+        raise GenlabError(f"unknown holdout {which!r}; choose one of {', '.join(HOLDOUTS)}")
+    if not 0 < fraction < 0.5:
+        raise GenlabError(f"the holdout fraction must lie in (0, 0.5), got {fraction}")
+    tr = data.train
+    mean, v = first_principal_component(tr.x)
+    score = (tr.x - mean) @ v
+    n_out = int(round(fraction * len(tr)))
+    order = torch.argsort(score, descending=(which == "pca-top"))
+    out, keep = order[:n_out], torch.sort(order[n_out:]).values
+    x_out = tr.x[out]
+    if tr.dynamic:
+        x_out = binarize(x_out, "fixed", BINARIZE_SEEDS["test"] + 1)
+    y = tr.y
+    hold = Split(x_out, None if y is None else y[out])
+    train = Split(tr.x[keep], None if y is None else y[keep], tr.dynamic)
+    source = dict(data.source, holdout=which, holdout_fraction=fraction,
+                  holdout_threshold=float(score[out[-1]]))
+    return Dataset(data.name, data.binarization, train, data.valid, data.test, source,
+                   dict(data.extra, holdout=hold))
+
+

@@ -69,13 +69,17 @@ def _resolve_vae(args: dict) -> dict:
 
 def _load_images(args: dict, data_dir, download=True):
     return data_module.load_images(args.get("dataset", "mnist"), args.get("binarization"),
-                                   data_dir, download)
+                                   data_dir, download, args.get("holdout"),
+                                   args.get("holdout_fraction") or 0.05)
 
 
 def _resolve_images(args: dict) -> dict:
     dataset = args.get("dataset") or "mnist"
     default = "larochelle" if dataset == "binarized-mnist" else "dynamic"
-    return {"dataset": dataset, "binarization": args.get("binarization") or default}
+    out = {"dataset": dataset, "binarization": args.get("binarization") or default}
+    if args.get("holdout"):
+        out.update(holdout=args["holdout"], holdout_fraction=args.get("holdout_fraction") or 0.05)
+    return out
 
 
 _IMAGE_DATA = [
@@ -83,6 +87,11 @@ _IMAGE_DATA = [
                        "--binarization says) or binarized-mnist (Larochelle's fixed set)"), "mnist"),
     ("--binarization", dict(choices=data_module.BINARIZATIONS,
                             help="dynamic (default for mnist), fixed, threshold; larochelle for binarized-mnist"),
+     None),
+    ("--holdout", dict(choices=data_module.HOLDOUTS, help="train without the top / bottom "
+                       "fraction of training images along the first principal component; they "
+                       "become the evaluation split 'holdout'"), None),
+    ("--holdout-fraction", dict(type=float, help="share held out by --holdout (default 0.05)"),
      None),
 ]
 

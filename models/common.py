@@ -50,3 +50,12 @@ def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
         if i < len(sizes) - 2:
             layers.append(_ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
+
+
+def check_binary(x: torch.Tensor, what: str = "images") -> None:
+    """Bernoulli likelihoods only ever see 0/1 data: one clear message otherwise."""
+    bad = (x != 0) & (x != 1)
+    if bool(bad.any()):
+        raise GenlabError(
+            f"{what} must be 0/1 for a Bernoulli likelihood; found the value {x[bad][0].item():g}"
+        )

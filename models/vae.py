@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.common import GenlabError, data_plate, mlp
+from models.common import GenlabError, check_binary, data_plate, mlp
 
 #: Named architectures: latent size, hidden sizes, nonlinearity.
 PRESETS = {
@@ -68,6 +68,9 @@ class VAE(nn.Module):
     def model(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, data_size=None):
         """p(z) p(x | z); ``y`` (labels) is accepted and ignored."""
         pyro.module("decoder", self.decoder)
+        if x.dim() != 2 or x.shape[-1] != self.x_dim:
+            raise GenlabError(f"images must be a (N, {self.x_dim}) batch, got shape {tuple(x.shape)}")
+        check_binary(x)
         n = x.shape[0]
         with data_plate(n, data_size):
             z = pyro.sample(
