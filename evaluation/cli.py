@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--report", action="store_true",
                    help="also draw the system's figures into RUN_DIR/figures/")
+    p.add_argument("--digit", type=int, help="the digit class a report singles out (default 6)")
     return p
 
 

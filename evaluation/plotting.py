@@ -38,9 +38,9 @@ def run_title(cfg, extra: str = "") -> str:
     return " · ".join(bits)
 
 
-def save(fig, run_dir, name: str) -> Path:
+def save(fig, run_dir, name: str, subdir: str = "figures") -> Path:
     """Write ``fig`` to ``RUN_DIR/figures/<name>.png`` (atomically) and close it."""
-    folder = Path(run_dir) / "figures"
+    folder = Path(run_dir) / subdir
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
     tmp = folder / f".{name}.tmp.png"

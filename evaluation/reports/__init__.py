@@ -12,6 +12,9 @@ import importlib
 from models.common import GenlabError
 
 REPORTS = {  # system name -> module under evaluation.reports
+    "dirichlet": "dirichlet",
+    "meta": "meta",
+    "vae": "vae",
 }
 
 
