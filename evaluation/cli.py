@@ -89,7 +89,14 @@ def load_run(run_dir, data_dir=None, device=None, expect_system=None):
 
 def evaluate(run_dir, ks, split="test", limit=None, seed=0, memory_gb=1.0, data_dir=None,
              device=None):
-    """Estimate every datapoint of ``split``; saves ``eval_<split>.npz``/``.json``; returns both."""
+    """Estimate every datapoint of ``split``; saves ``eval_<split>.npz``/``.json``;
+    returns (estimate, summary, config)."""
+    return evaluate_run(run_dir, ks, split, limit, seed, memory_gb, data_dir, device)[:3]
+
+
+def evaluate_run(run_dir, ks, split="test", limit=None, seed=0, memory_gb=1.0, data_dir=None,
+                 device=None):
+    """:func:`evaluate`, also returning the loaded system and data set."""
     import pyro
 
     from evaluation.estimator import estimate_log_marginal
@@ -109,7 +116,7 @@ def evaluate(run_dir, ks, split="test", limit=None, seed=0, memory_gb=1.0, data_
                                "seed": seed}
     est.save(Path(run_dir) / f"eval_{split}.npz")
     (Path(run_dir) / f"eval_{split}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return est, summary, cfg
+    return est, summary, cfg, system, data
 
 
 def describe(cfg) -> str:
@@ -166,13 +173,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
-        est, summary, cfg = evaluate(ns.run_dir, ns.k, ns.split, ns.limit, ns.seed, ns.memory_gb,
-                                     ns.data_dir, ns.device)
+        est, summary, cfg, system, data = evaluate_run(ns.run_dir, ns.k, ns.split, ns.limit,
+                                                       ns.seed, ns.memory_gb, ns.data_dir,
+                                                       ns.device)
         figures = []
         if ns.report:
             from evaluation.reports import get_report
 
-            _, system, data = load_run(ns.run_dir, ns.data_dir, ns.device)
             figures = get_report(cfg.system).report(Path(ns.run_dir), cfg, system, data, est, ns)
     except GenlabError as e:
         return fail(parser.prog, e)

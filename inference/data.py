@@ -367,10 +367,18 @@ def first_principal_component(x: torch.Tensor):
     The sign is fixed so that the direction's largest-magnitude loading is positive.
     """
     mean = x.mean(0)
-    xc = (x - mean).double()
-    _, vecs = torch.linalg.eigh(xc.T @ xc)
-    v = vecs[:, -1]
-    v = v * torch.sign(v[v.abs().argmax()])
+    xc = x - mean
+    cov = (xc.T @ xc).double() / x.shape[0]  # float32 products, float64 iteration
+    # power iteration from a fixed start: deterministic, and fast where a full eigensolver
+    # is slow on a busy machine; stops when the direction moves less than 1e-12
+    v = torch.ones(cov.shape[0], dtype=torch.float64) / cov.shape[0] ** 0.5
+    for _ in range(5000):
+        w = cov @ v
+        w = w / w.norm()
+        if (w - v).norm() < 1e-12:
+            break
+        v = w
+    v = w * torch.sign(w[w.abs().argmax()])
     return mean, v.float()
 
 
@@ -400,3 +408,221 @@ def pca_holdout(data: Dataset, which: str, fraction: float = 0.05) -> Dataset:
                    dict(data.extra, holdout=hold))
 
 
+
+
+# ----------------------------------------------------------------------------- 1-D regression
+#: The x range of the "wiggles" set, and the seed offset of its splits.
+WIGGLES_RANGE = (-4.0, 4.0)
+_WIGGLES_SEED = 4004
+
+
+def wiggles_mean(x: torch.Tensor) -> torch.Tensor:
+    """The true mean of the "wiggles" set: m(x) = sin(2.5 x) + 0.2 x."""
+    return torch.sin(2.5 * x) + 0.2 * x
+
+
+def wiggles_noise_scale(x: torch.Tensor) -> torch.Tensor:
+    """The true noise scale: s(x) = 0.01 + 0.4 sigmoid(2 (x + 1)); about 0.01 for x < -2.5
+    (the near-noise-free region where a heteroscedastic fit drives σ(x) toward 0) rising to
+    0.41 at the right edge."""
+    return 0.01 + 0.4 * torch.sigmoid(2.0 * (x + 1.0))
+
+
+def make_wiggles(n_train: int = 500, n_valid: int = 500, n_test: int = 1000,
+                 seed: int = 0) -> Dataset:
+    """The seeded synthetic regression set: x ~ Uniform(-4, 4), y = m(x) + s(x) ε, ε ~ N(0, 1).
+
+    Splits are ``Split(x=(N, 1), y=(N,))``, each drawn from its own generator (seed
+    ``4004 + 3 seed + k``, k = 0, 1, 2 for train, valid, test), so changing one split's size
+    leaves the others as they were.
+    """
+    sizes = {"train": n_train, "valid": n_valid, "test": n_test}
+    for name, n in sizes.items():
+        if not isinstance(n, int) or n < 1:
+            raise GenlabError(f"the wiggles {name} split needs a positive number of points, got {n}")
+    lo, hi = WIGGLES_RANGE
+    splits = {}
+    for k, (name, n) in enumerate(sizes.items()):
+        g = torch.Generator().manual_seed(_WIGGLES_SEED + 3 * int(seed) + k)
+        x = lo + (hi - lo) * torch.rand(n, 1, generator=g)
+        y = wiggles_mean(x[:, 0]) + wiggles_noise_scale(x[:, 0]) * torch.randn(n, generator=g)
+        splits[name] = Split(x, y)
+    return Dataset("wiggles", "none", splits["train"], splits["valid"], splits["test"],
+                   dict(generator="wiggles", seed=int(seed), **{f"n_{k}": v for k, v in sizes.items()}))
+
+
+def regression_dataset(x, y, name: str = "xy", seed: int = 0, valid_fraction: float = 0.2,
+                       test_fraction: float = 0.2, source: Optional[dict] = None) -> Dataset:
+    """A 1-D regression Dataset from values ``x``, ``y`` (same length), shuffled with ``seed``
+    and split into train / valid / test by the fractions."""
+    x = torch.as_tensor(x, dtype=torch.float32).reshape(-1)
+    y = torch.as_tensor(y, dtype=torch.float32).reshape(-1)
+    if x.shape[0] != y.shape[0]:
+        raise GenlabError(f"x and y must have the same length, got {x.shape[0]} x values and "
+                          f"{y.shape[0]} y values")
+    if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+        raise GenlabError("x and y must be finite numbers (found NaN or infinity)")
+    if not (0 < valid_fraction < 1 and 0 < test_fraction < 1 and valid_fraction + test_fraction < 1):
+        raise GenlabError("the valid and test fractions must be positive and sum to less than 1")
+    n = x.shape[0]
+    n_valid, n_test = int(round(valid_fraction * n)), int(round(test_fraction * n))
+    if min(n_valid, n_test, n - n_valid - n_test) < 1:
+        raise GenlabError(f"{n} points are too few to split into train, valid and test")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    parts = [perm[: n - n_valid - n_test], perm[n - n_valid - n_test : n - n_test], perm[n - n_test :]]
+    tr, va, te = (Split(x[p].unsqueeze(1), y[p]) for p in parts)
+    return Dataset(name, "none", tr, va, te, dict(source or {}, seed=int(seed)))
+
+
+def load_xy_csv(path, seed: int = 0, valid_fraction: float = 0.2,
+                test_fraction: float = 0.2) -> Dataset:
+    """A user's CSV of two numeric columns x, y (an optional header row names them; other
+    columns are refused), split as :func:`regression_dataset` does."""
+    import csv
+
+    path = Path(path).expanduser()
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+    except OSError as e:
+        raise GenlabError(f"cannot read the CSV {path} ({type(e).__name__}: {e.strerror or e})") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise GenlabError(f"{path} is not a readable CSV ({type(e).__name__})") from None
+
+    def number(text):
+        try:
+            return float(text)
+        except ValueError:
+            return None
+
+    start, names = 0, ["x", "y"]
+    if rows and all(number(c) is None for c in rows[0] if c.strip()):
+        start, names = 1, [c.strip() for c in rows[0]]
+    if len(names) != 2 or any(len(r) > 2 for r in rows[start:]):
+        raise GenlabError(f"{path} must have exactly two columns (x, y)")
+    cols = ([], [])
+    for line, row in enumerate(rows[start:], start=start + 1):
+        row = list(row) + [""] * (2 - len(row))
+        for j, text in enumerate(row):
+            if not text.strip():
+                cols[j].append(None)
+                continue
+            v = number(text)
+            if v is None or not np.isfinite(v):
+                raise GenlabError(f"{path} line {line}: non-numeric value {text.strip()!r} in "
+                                  f"column {names[j]}")
+            cols[j].append(v)
+    counts = []
+    for j in range(2):  # trailing blanks: a column shorter than the other
+        while cols[j] and cols[j][-1] is None:
+            cols[j].pop()
+        counts.append(len(cols[j]))
+    if counts[0] != counts[1]:
+        raise GenlabError(f"{path}: x and y have different lengths ({counts[0]} x values, "
+                          f"{counts[1]} y values)")
+    for j in range(2):
+        if None in cols[j]:
+            line = start + 1 + cols[j].index(None)
+            raise GenlabError(f"{path} line {line}: missing value in column {names[j]}")
+    if counts[0] == 0:
+        raise GenlabError(f"{path} holds no data rows")
+    return regression_dataset(cols[0], cols[1], name=f"csv:{path.name}", seed=seed,
+                              valid_fraction=valid_fraction, test_fraction=test_fraction,
+                              source=dict(csv=str(path.resolve())))
+
+
+# ----------------------------------------------------------------------------- symbol sequences
+def _symbol_law(alpha, p, num_symbols: Optional[int] = None):
+    """(alpha (J,) float64 numpy or None, p (J,) float64 numpy or None), checked."""
+    from models.dirichlet import check_alpha
+
+    a = None if alpha is None else check_alpha(alpha, num_symbols).double().numpy()
+    q = None
+    if p is not None:
+        q = np.asarray(torch.as_tensor(p, dtype=torch.float64), dtype=np.float64).reshape(-1)
+        if (a is not None and q.shape != a.shape) or q.size < 1:
+            raise GenlabError(f"the fixed p needs one probability per symbol, got {q.tolist()}")
+        if (q < 0).any() or abs(q.sum() - 1.0) > 1e-6:
+            raise GenlabError(f"the fixed p must be non-negative and sum to 1, got {q.tolist()}")
+    if a is None and q is None:
+        raise GenlabError("give alpha (p is drawn from Dirichlet(alpha)) or a fixed p")
+    return a, q
+
+
+def _categorical_draws(rng: np.random.Generator, probs: np.ndarray, shape) -> np.ndarray:
+    """Symbols ``shape`` from rows ``probs`` (..., J) broadcast to ``shape``, by inverse CDF."""
+    cdf = np.cumsum(np.broadcast_to(probs, tuple(shape) + probs.shape[-1:]), axis=-1)
+    u = rng.random(tuple(shape) + (1,)) * cdf[..., -1:]
+    return np.minimum((u >= cdf).sum(-1), probs.shape[-1] - 1)
+
+
+def symbol_sequences(n: int, length: int, period: int, alpha=None, p=None, seed: int = 0):
+    """``n`` sequences of ``length`` symbols over ``0..J-1`` plus the reset symbol ``J``.
+
+    Position ``t`` holds the reset symbol when ``t % period == 0`` (so every sequence starts
+    with one); the ``period - 1`` symbols after a reset are i.i.d. Categorical(p) with a fresh
+    ``p ~ Dirichlet(alpha)`` per block, or the fixed ``p`` for every block (fixed-p mode).
+    Returns ``(x, probs)``: ``x`` int64 ``(n, length)``, ``probs`` float64 ``(n, blocks, J)``
+    the p of every block.  Seeded numpy draws: the same arguments give the same sequences.
+    """
+    if int(period) != period or period < 1:
+        raise GenlabError(f"the reset period T must be an integer of at least 1, got {period}")
+    if int(length) != length or length < 2:
+        raise GenlabError(f"sequences need a length of at least 2 symbols, got {length}")
+    if int(n) != n or n < 1:
+        raise GenlabError(f"the number of sequences must be a positive integer, got {n}")
+    a, q = _symbol_law(alpha, p)
+    J = (a if a is not None else q).size
+    rng = np.random.default_rng(seed)
+    blocks = -(-int(length) // int(period))
+    probs = np.broadcast_to(q, (n, blocks, J)).copy() if q is not None else rng.dirichlet(a, (n, blocks))
+    t = np.arange(length)
+    draws = _categorical_draws(rng, probs[:, t // period, :], (n, length))
+    x = np.where(t % period == 0, J, draws)
+    return torch.from_numpy(x.astype(np.int64)), torch.from_numpy(probs)
+
+
+def load_sequences(alpha=(1.3, 1.3, 1.3), period: int = 5, p=None, length: int = 100,
+                   train: int = 6400, valid: int = 1000, test: int = 1000, seed: int = 0) -> Dataset:
+    """The meta-learning task: reset-every-T symbol sequences, as ``Split(x (N, length))``.
+
+    Train, valid and test are independent draws (seeds ``seed``, ``seed + 1``, ``seed + 2``)
+    from one law: p ~ Dirichlet(alpha) per block, or the fixed ``p`` when given.
+    """
+    a, q = _symbol_law(alpha if p is None else None, p)
+    splits = {}
+    for i, (name, size) in enumerate((("train", train), ("valid", valid), ("test", test))):
+        x, _ = symbol_sequences(size, length, period, alpha=a, p=q, seed=seed + i)
+        splits[name] = Split(x)
+    law = dict(alpha=None if a is None else a.tolist(), p=None if q is None else q.tolist())
+    return Dataset("symbol-sequences", "none", splits["train"], splits["valid"], splits["test"],
+                   dict(period=int(period), length=int(length), seed=int(seed), **law))
+
+
+def load_dirichlet(alpha=(1.3, 1.3, 1.3), symbols: int = 100, sequences: int = 1, p=None,
+                   test_symbols: Optional[int] = None, seed: int = 0) -> Dataset:
+    """Symbol draws for the conjugate model: ``sequences`` independent sequences, each with its
+    own ``p ~ Dirichlet(alpha)`` (or the fixed ``p``), ``symbols`` training draws each.
+
+    Each split is ``Split(x, y=seq)``: ``x`` int64 ``(S * n,)`` symbols, sequence-major, and
+    ``seq`` int64 ``(S * n,)`` which sequence each symbol belongs to.  Valid and test hold
+    ``test_symbols`` (default ``symbols``) further draws from the same p's.  The true p's
+    ``(S, J)`` are in ``source["p_true"]``.
+    """
+    a, q = _symbol_law(alpha, p)
+    for name, v in (("symbols", symbols), ("sequences", sequences)):
+        if int(v) != v or v < 1:
+            raise GenlabError(f"the number of {name} must be a positive integer, got {v}")
+    test_symbols = symbols if test_symbols is None else test_symbols
+    if int(test_symbols) != test_symbols or test_symbols < 1:
+        raise GenlabError(f"the number of test symbols must be a positive integer, got {test_symbols}")
+    rng = np.random.default_rng(seed)
+    S, J = int(sequences), a.size
+    p_true = np.broadcast_to(q, (S, J)).copy() if q is not None else rng.dirichlet(a, S)
+    splits = {}
+    for name, n in (("train", symbols), ("valid", test_symbols), ("test", test_symbols)):
+        x = _categorical_draws(rng, p_true[:, None, :], (S, int(n)))
+        seq = np.repeat(np.arange(S), int(n))
+        splits[name] = Split(torch.from_numpy(x.reshape(-1).astype(np.int64)), torch.from_numpy(seq))
+    return Dataset("dirichlet-symbols", "none", splits["train"], splits["valid"], splits["test"],
+                   dict(alpha=a.tolist(), p_true=p_true.tolist(), seed=int(seed)))

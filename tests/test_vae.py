@@ -116,3 +116,13 @@ def test_report_figures_are_seeded(tiny_run):
     opts = SimpleNamespace(digit=None)
     assert R._digit(opts) == 6
     assert np.isfinite(a.numpy()).all()
+
+
+def test_first_principal_component_matches_eigh():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 30, generator=g) * torch.linspace(3, 0.5, 30)  # distinct variances
+    mean, v = first_principal_component(x)
+    xc = (x - mean).double()
+    _, vecs = torch.linalg.eigh(xc.T @ xc)
+    assert abs(float(vecs[:, -1] @ v.double())) == pytest.approx(1.0, abs=1e-6)
+    assert v[v.abs().argmax()] > 0  # the sign convention

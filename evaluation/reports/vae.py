@@ -249,15 +249,15 @@ def report(run_dir, cfg, system, data, est, options) -> list:
 def compare(run_dirs, options) -> list:
     """Per-image log-likelihood of run A against run B on the same images, where each wins
     most, and both runs' generated images on one figure."""
-    from evaluation.cli import evaluate, load_run
+    from evaluation.cli import evaluate_run
 
     if len(run_dirs) != 2:
         raise GenlabError("the VAE comparison takes exactly two runs")
     runs = []
     for d in run_dirs:
-        est, _, cfg = evaluate(d, options.k, options.split, options.limit, options.seed,
-                               options.memory_gb, options.data_dir, options.device)
-        _, system, data = load_run(d, options.data_dir, "cpu")
+        est, _, cfg, system, data = evaluate_run(d, options.k, options.split, options.limit,
+                                                 options.seed, options.memory_gb,
+                                                 options.data_dir, "cpu")
         runs.append((d, cfg, system, data, est))
     (da, ca, va, data, ea), (db, cb, vb, _, eb) = runs
     if ea.n != eb.n:
