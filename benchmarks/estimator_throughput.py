@@ -56,16 +56,26 @@ TAG = "@@"
 
 
 # ----------------------------------------------------------------------------- worker side
-def _vmsize() -> int:
+def _status(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmSize:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmSize")
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def _vmsize() -> int:
+    return _status("VmSize")
 
 
 def _maxrss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """Peak resident memory of this process image.  (ru_maxrss survives execve, so a child
+    would report its parent's peak; VmHWM starts afresh with the new image.)"""
+    return _status("VmHWM")
+
+
+def _minflt() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _say(obj) -> None:
@@ -78,6 +88,7 @@ def worker(role: str, xpath: str, K: int, cap: float) -> None:
     import pyro
     import torch
 
+    from evaluation import estimator as est
     from evaluation.estimator import estimate_log_marginal
     from models.vae import VAE
 
@@ -87,8 +98,16 @@ def worker(role: str, xpath: str, K: int, cap: float) -> None:
     vae.eval()
     x = torch.load(xpath)
 
+    # the chunk estimate_log_marginal will use (its own rule, read from its module)
+    st = est.probe(vae.model, vae.guide, (x[:2],), {}, "data", 2)
+    unit = max(st.bytes_per_unit * est._OVERHEAD, 1.0)
+    memory = BUDGET if role != "genlab-1img" else int(unit * K * 1.5)  # -> 1 image x K per chunk
+    cells = max(1, int(memory // unit))
+    kb = min(K, cells)
+    nb = min(x.shape[0], max(1, cells // kb), max(1, int(memory // (8 * 4 * K))))
+
     def genlab(xs):
-        return estimate_log_marginal(vae.model, vae.guide, xs, num_samples=K, memory=BUDGET).log_marginal.tolist()
+        return estimate_log_marginal(vae.model, vae.guide, xs, num_samples=K, memory=memory).log_marginal.tolist()
 
     renyi_elbo = pyro.infer.RenyiELBO(alpha=0, num_particles=K, vectorize_particles=True,
                                       max_plate_nesting=1)
@@ -103,8 +122,8 @@ def worker(role: str, xpath: str, K: int, cap: float) -> None:
 
     # warm-up (not counted): imports (arviz), allocator, thread pool
     with torch.no_grad():
-        if role == "genlab":
-            estimate_log_marginal(vae.model, vae.guide, x[:2], num_samples=min(K, 200), memory=BUDGET)
+        if role.startswith("genlab"):
+            genlab(x[:2])
         elif role == "renyi":
             pyro.infer.RenyiELBO(alpha=0, num_particles=min(K, 200), vectorize_particles=True,
                                  max_plate_nesting=1).loss(vae.model, vae.guide, x[:1])
@@ -113,7 +132,8 @@ def worker(role: str, xpath: str, K: int, cap: float) -> None:
     base_rss = _maxrss()
     limit = _vmsize() + BUDGET
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
-    _say({"ready": True, "base_rss": base_rss, "threads": torch.get_num_threads()})
+    _say({"ready": True, "base_rss": base_rss, "threads": torch.get_num_threads(),
+          "chunk": [nb, kb], "memory": memory})
 
     for line in sys.stdin:
         cmd = line.split()
@@ -121,21 +141,32 @@ def worker(role: str, xpath: str, K: int, cap: float) -> None:
             break
         a, b = int(cmd[1]), int(cmd[2])
         xs = x[a:b]
-        res = {"ok": True, "n": 0, "seconds": 0.0, "values": []}
+        res = {"ok": True, "n": 0, "seconds": 0.0, "values": [], "k_run": K}
+        f0 = _minflt()
         try:
-            if cmd[0] == "run" and role in ("genlab", "renyi"):
+            if cmd[0] == "run" and role != "importance":
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    vals = genlab(xs) if role == "genlab" else renyi(xs)
+                    vals = renyi(xs) if role == "renyi" else genlab(xs)
                 res.update(seconds=time.perf_counter() - t0, n=len(vals), values=vals)
             elif cmd[0] == "run":  # importance: whole images until the time cap
                 t0 = time.perf_counter()
-                for i in range(xs.shape[0]):
-                    res["values"].append(importance_one(xs[i: i + 1], K))
-                    res["n"] += 1
-                    if time.perf_counter() - t0 > cap:
-                        break
-                res["seconds"] = time.perf_counter() - t0
+                importance_one(xs[:1], 100)
+                per_sample = (time.perf_counter() - t0) / 100
+                if per_sample * K > cap:  # not even one image at full K fits: fewer samples
+                    k_run = max(100, int(cap / per_sample) // 100 * 100)
+                    t0 = time.perf_counter()
+                    importance_one(xs[:1], k_run)
+                    # the loop is linear in the number of samples: scale the time up to K
+                    res.update(seconds=(time.perf_counter() - t0) * K / k_run, n=1, k_run=k_run)
+                else:
+                    t0 = time.perf_counter()
+                    for i in range(xs.shape[0]):
+                        res["values"].append(importance_one(xs[i: i + 1], K))
+                        res["n"] += 1
+                        if time.perf_counter() - t0 > cap:
+                            break
+                    res["seconds"] = time.perf_counter() - t0
             elif cmd[0] == "joint":  # RenyiELBO on all of xs at once (memory check)
                 t0 = time.perf_counter()
                 renyi_elbo.loss(vae.model, vae.guide, xs)
@@ -144,6 +175,7 @@ def worker(role: str, xpath: str, K: int, cap: float) -> None:
             msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             res.update(ok=False, error=f"{type(e).__name__}: {msg}")
         res["maxrss"] = _maxrss()
+        res["minflt"] = _minflt() - f0
         _say(res)
     _say({"bye": True, "maxrss": _maxrss()})
 
@@ -152,10 +184,16 @@ def worker(role: str, xpath: str, K: int, cap: float) -> None:
 class Worker:
     def __init__(self, role: str, xpath: str, K: int, cap: float):
         self.role = role
+        env = dict(os.environ)
+        if role == "genlab-malloc":  # glibc: keep big blocks in the heap, never trim it
+            env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 40), MALLOC_TRIM_THRESHOLD_=str(1 << 40))
         self.p = subprocess.Popen(
             [sys.executable, __file__, "--worker", role, "--xpath", xpath, "--k", str(K),
              "--cap", str(cap)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(ROOT), env=env)
+        self.ready = None
+
+    def wait_ready(self) -> None:
         self.ready = self._read()
 
     def _read(self) -> dict:
@@ -196,6 +234,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="50 images, short caps (under ~30 s)")
     ap.add_argument("--n", type=int, default=None, help="number of test images (default 1000, quick 50)")
     ap.add_argument("--k", type=int, default=5000, help="importance samples per image")
+    ap.add_argument("--variants", action="store_true",
+                    help="add two diagnostic genlab rows (1-image chunks; glibc malloc thresholds)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--xpath", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cap", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -211,8 +251,8 @@ def main() -> None:
     N = a.n or (50 if a.quick else 1000)
     K = a.k
     rounds = 2 if a.quick else 10
-    imp_cap = 4.0 if a.quick else 30.0       # Importance: seconds of sampling
-    run_budget = 22.0 if a.quick else 250.0  # skip remaining rounds past this (whole run)
+    imp_cap = 2.0 if a.quick else 20.0       # Importance: seconds of sampling
+    run_budget = 20.0 if a.quick else 200.0  # skip remaining rounds past this (whole run)
 
     print(f"torch {torch.__version__}; torch threads {torch.get_num_threads()} (default), "
           f"machine cores {os.cpu_count()}")
@@ -226,17 +266,20 @@ def main() -> None:
     xpath = os.path.join(tmp, "x.pt")
     torch.save(x, xpath)
 
-    workers = {r: Worker(r, xpath, K, imp_cap) for r in ("genlab", "renyi", "importance")}
+    variants = ["genlab-1img", "genlab-malloc"] if a.variants else []
+    roles = ["genlab", "renyi", *variants]
+    workers = {r: Worker(r, xpath, K, imp_cap) for r in [*roles, "importance"]}
+    for w in workers.values():
+        w.wait_ready()
     bounds = [round(i * N / rounds) for i in range(rounds + 1)]
-    res = {"genlab": [], "renyi": []}
+    res = {r: [] for r in roles}
     mm = [matmul_rate(torch)]
     skipped = 0
     for r in range(rounds):
         if r > 0 and time.perf_counter() - t_start > run_budget:
             skipped = rounds - r
             break
-        order = ["genlab", "renyi"] if r % 2 == 0 else ["renyi", "genlab"]
-        for role in order:
+        for role in (roles if r % 2 == 0 else roles[::-1]):
             res[role].append(workers[role].ask(f"run {bounds[r]} {bounds[r + 1]}"))
         mm.append(matmul_rate(torch))
     done_n = bounds[rounds - skipped]
@@ -250,25 +293,29 @@ def main() -> None:
     # ---- figures
     def total(role):
         ok = [q for q in res[role] if q["ok"]]
-        return sum(q["n"] for q in ok), sum(q["seconds"] for q in ok), len(ok) == len(res[role])
+        n, sec = sum(q["n"] for q in ok), sum(q["seconds"] for q in ok)
+        flt = sum(q["minflt"] for q in ok) / max(n, 1)
+        return n, sec, len(ok) == len(res[role]), flt
 
-    gn, gs, gok = total("genlab")
-    rn, rs, rok = total("renyi")
+    tot = {r: total(r) for r in roles}
+    gn, gs = tot["genlab"][:2]
     g_ips = gn / gs
-    r_ips = rn / rs if rs else float("nan")
-    per_round = [q["seconds"] / q["n"] for q in res["renyi"] if q["ok"]]
-    per_round_g = [q["seconds"] / q["n"] for q in res["genlab"] if q["ok"]]
-    ratio_rounds = statistics.median(r_ / g_ for r_, g_ in zip(per_round, per_round_g))
+    r_ips = tot["renyi"][0] / tot["renyi"][1]
+    sec_per_img = {r: [q["seconds"] / q["n"] for q in res[r] if q["ok"] and q["n"]] for r in roles}
+    ratio_rounds = statistics.median(r_ / g_ for r_, g_ in zip(sec_per_img["renyi"], sec_per_img["genlab"]))
     i_ips = imp["n"] / imp["seconds"] if imp["ok"] and imp["n"] else float("nan")
 
-    dec_flops = 2 * K * gn * (LATENT * HIDDEN + HIDDEN * XDIM)
-    enc_flops = 2 * gn * (XDIM * HIDDEN + HIDDEN * 2 * LATENT)
-    achieved = (dec_flops + enc_flops) / gs
+    def dec_flops(n):
+        return 2 * K * n * (LATENT * HIDDEN + HIDDEN * XDIM)
+
+    def enc_flops(n):
+        return 2 * n * (XDIM * HIDDEN + HIDDEN * 2 * LATENT)
+
     machine = statistics.median(mm)
+    achieved = (dec_flops(gn) + enc_flops(gn)) / gs
     share = achieved / machine
     share_rounds = statistics.median(
-        2 * K * q["n"] * (LATENT * HIDDEN + HIDDEN * XDIM) / q["seconds"] / m
-        for q, m in zip(res["genlab"], mm[1:]))
+        (dec_flops(q["n"]) + enc_flops(q["n"])) / q["seconds"] / m for q, m in zip(res["genlab"], mm[1:]))
 
     # agreement of the estimates (different random draws: Monte Carlo noise only)
     g_vals = [v for q in res["genlab"] for v in q["values"]]
@@ -278,33 +325,62 @@ def main() -> None:
            if imp["values"] else float("nan"))
 
     def mem(role):
+        # the peak after the contender's own timed work (RenyiELBO's memory check comes later)
+        peak = res[role][-1]["maxrss"] if role in res else ends[role]["maxrss"]
         base = workers[role].ready["base_rss"]
-        return f"{fmt_mib(ends[role]['maxrss'])} ({fmt_mib(ends[role]['maxrss'] - base)} above set-up)"
+        return f"{fmt_mib(peak)} (+{fmt_mib(peak - base)})"
 
-    print(f"matmul rate (2048x2048 float32, {len(mm)} timings between rounds): median "
-          f"{machine / 1e9:.1f} GFLOP/s (range {min(mm) / 1e9:.1f}-{max(mm) / 1e9:.1f})")
+    print(f"matmul rate (2048x2048 float32, {len(mm)} timings, one before and one after each round): "
+          f"median {machine / 1e9:.1f} GFLOP/s (range {min(mm) / 1e9:.1f}-{max(mm) / 1e9:.1f})")
+    nb, kb = workers["genlab"].ready["chunk"]
+    print(f"genlab chunk under the 1 GiB budget: {nb} images x {kb} particles per log_weights call")
     if skipped:
-        print(f"NOTE: time budget reached: {skipped} of {rounds} rounds skipped; genlab and RenyiELBO "
-              f"ran on the first {done_n} images")
+        print(f"NOTE: time budget reached: {skipped} of {rounds} rounds skipped; the interleaved "
+              f"contenders ran on the first {done_n} images only")
     print()
-    print(f"{'contender':<44} {'images':>7} {'seconds':>8} {'images/s':>9} {'peak RSS (above set-up)':>30}  note")
-    print(f"{'genlab estimate_log_marginal':<44} {gn:>7} {gs:>8.1f} {g_ips:>9.2f} {mem('genlab'):>30}  "
-          f"{'' if gok else 'SOME ROUNDS FAILED'}")
-    print(f"{'Pyro RenyiELBO(alpha=0), 1 image per call':<44} {rn:>7} {rs:>8.1f} {r_ips:>9.2f} "
-          f"{mem('renyi'):>30}  {'' if rok else 'SOME ROUNDS FAILED'}")
-    inote = (f"capped at {imp_cap:.0f} s: {imp['n']} of {N} images; extrapolated to {N} images: "
-             f"{N / i_ips:.0f} s" if imp["ok"] else f"FAILED: {imp.get('error')}")
-    print(f"{'Pyro Importance, 1 image per run':<44} {imp['n']:>7} {imp['seconds']:>8.1f} {i_ips:>9.3f} "
-          f"{mem('importance'):>30}  {inote}")
-    jnote = (f"fits, {joint['seconds']:.1f} s" if joint["ok"] else f"OUT OF MEMORY under the 1 GiB cap "
-             f"({joint['error']})")
-    print(f"{f'[memory check] RenyiELBO on {joint_n} images at once':<44} {'':>7} {'':>8} {'':>9} {'':>30}  {jnote}")
+    label = {
+        "genlab": "genlab estimate_log_marginal",
+        "renyi": "Pyro RenyiELBO(alpha=0), 1 image/call",
+        "genlab-1img": "[variant] genlab, chunk = 1 image x K",
+        "genlab-malloc": "[variant] genlab, glibc mmap/trim thresh. 1 TiB",
+    }
+    print(f"{'contender':<48} {'images':>6} {'seconds':>8} {'img/s':>7} {'page faults/img':>15} "
+          f"{'peak RSS (+above set-up)':>25}  note")
+    for role in roles:
+        n, sec, ok, flt = tot[role]
+        note = "" if ok else "SOME ROUNDS FAILED: " + next(q["error"] for q in res[role] if not q["ok"])
+        if role == "genlab-1img":
+            note = f"memory={fmt_mib(workers[role].ready['memory'])}: {workers[role].ready['chunk'][0]} x " \
+                   f"{workers[role].ready['chunk'][1]} per call " + note
+        if role == "genlab-malloc":
+            note = "env MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ " + note
+        ips = n / sec if sec else float("nan")
+        print(f"{label[role]:<48} {n:>6} {sec:>8.1f} {ips:>7.2f} {flt:>15.0f} {mem(role):>25}  {note}")
+    if imp["ok"] and imp["k_run"] < K:
+        inote = (f"capped: 1 image with {imp['k_run']} samples, time scaled x{K / imp['k_run']:.0f} to K={K}; "
+                 f"extrapolated to {N} images: {N / i_ips:.0f} s")
+    elif imp["ok"]:
+        inote = f"capped at {imp_cap:.0f} s: {imp['n']} of {N} images; extrapolated to {N} images: {N / i_ips:.0f} s"
+    else:
+        inote = f"FAILED: {imp.get('error')}"
+    print(f"{'Pyro Importance, 1 image per run':<48} {imp['n']:>6} {imp['seconds']:>8.1f} {i_ips:>7.3f} "
+          f"{'':>15} {mem('importance'):>25}  {inote}")
+    jnote = (f"fits, {joint['seconds']:.1f} s" if joint["ok"] else
+             f"OUT OF MEMORY under the 1 GiB cap ({joint['error'][:110]})")
+    print(f"{f'[memory check] RenyiELBO, {joint_n} images in 1 call':<48} {'':>6} {'':>8} {'':>7} {'':>15} "
+          f"{'':>25}  {jnote}")
     print()
     print(f"estimates agree (median |genlab - other| over shared images, nats): RenyiELBO {d_r:.3f}, "
-          f"Importance {d_i:.3f}")
-    print(f"genlab FLOPs: decoder {dec_flops / 1e12:.3f} TFLOP + encoder {enc_flops / 1e9:.3f} GFLOP in "
-          f"{gs:.1f} s = {achieved / 1e9:.1f} GFLOP/s = {100 * share:.1f}% of the matmul rate "
+          f"Importance {'n/a (fewer samples)' if imp['k_run'] < K else f'{d_i:.3f}'}")
+    print(f"genlab FLOPs: decoder {dec_flops(gn) / 1e12:.3f} TFLOP + encoder {enc_flops(gn) / 1e9:.3f} GFLOP "
+          f"in {gs:.1f} s = {achieved / 1e9:.1f} GFLOP/s = {100 * share:.1f}% of the median matmul rate "
           f"(median of per-round shares {100 * share_rounds:.1f}%)")
+    for role in variants:
+        n, sec = tot[role][:2]
+        if not sec:
+            continue
+        print(f"  {label[role]}: {(dec_flops(n) + enc_flops(n)) / sec / 1e9:.1f} GFLOP/s = "
+              f"{100 * (dec_flops(n) + enc_flops(n)) / sec / machine:.1f}% of the matmul rate")
     print(f"decoder FLOP share {100 * share:.1f}%; target >= {100 * TARGET_SHARE:.0f}%: "
           f"{'MET' if share >= TARGET_SHARE else 'NOT MET'}")
     print(f"side by side: genlab {g_ips:.2f} img/s vs RenyiELBO {r_ips:.2f} img/s = {g_ips / r_ips:.2f}x "

@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true",
                    help="also draw the system's figures into RUN_DIR/figures/")
     p.add_argument("--digit", type=int, help="the digit class a report singles out (default 6)")
+    p.add_argument("--classifier-k", type=int, default=100,
+                   help="importance samples per label for the CVAE's generative classifier")
+    p.add_argument("--baseline", help="a run the report compares with (CVAE: an unconditional "
+                   "VAE of the same size)")
     return p
 
 

@@ -115,6 +115,32 @@ SYSTEMS = {
 }
 
 
+def _build_cvae(args: dict):
+    from models.cvae import build_cvae
+
+    return build_cvae(**args)
+
+
+def _load_labelled_images(args: dict, data_dir, download=True):
+    if args.get("dataset", "mnist") != "mnist":
+        raise GenlabError("the conditional VAE needs labels: use --dataset mnist "
+                          "(binarized-mnist has no labels)")
+    return _load_images(args, data_dir, download)
+
+
+SYSTEMS["cvae"] = System(
+    name="cvae",
+    help="conditional VAE p(x | y) with the label as an observed covariate (models/cvae.py)",
+    build_model=_build_cvae,
+    resolve=_resolve_vae,
+    load=_load_labelled_images,
+    default_loss="Trace_ELBO",
+    system_options=SYSTEMS["vae"].system_options,
+    data_options=_IMAGE_DATA,
+    resolve_data=_resolve_images,
+)
+
+
 def get_system(name: str) -> System:
     if name not in SYSTEMS:
         raise GenlabError(f"unknown system {name!r}; choose one of {', '.join(SYSTEMS)}")

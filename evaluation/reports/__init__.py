@@ -15,6 +15,7 @@ REPORTS = {  # system name -> module under evaluation.reports
     "dirichlet": "dirichlet",
     "meta": "meta",
     "vae": "vae",
+    "cvae": "cvae",
 }
 
 
