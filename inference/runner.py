@@ -422,9 +422,29 @@ def train(
                 atomic_save(param_state(system) | {"system": cfg.system, "config": asdict(cfg),
                                                     "epoch": st["epoch"]}, out / BEST)
             if cfg.patience is not None and st["bad_epochs"] >= cfg.patience:
-                stopped_early = True
+                stopped_early = st["stopped_early"] = True
+                save()
                 break
     finally:
         if handler_installed:
             signal.signal(signal.SIGINT, old)
     return RunResult(out, st["metrics"], st["steps"], stopped_early)
+
+
+def train_if_missing(cfg: RunConfig, out, progress: Optional[bool] = False) -> Path:
+    """Train ``cfg`` into ``out`` unless it already holds a finished run; return ``out``.
+
+    For notebooks and studies: a committed notebook re-executed on a machine that has the
+    runs reuses them; a run that was interrupted is resumed.
+    """
+    out = Path(out)
+    ckpt = out / CHECKPOINT
+    if ckpt.exists():
+        state = load_checkpoint(ckpt)
+        if state["loop"]["epoch"] >= cfg.epochs or state["loop"].get("stopped_early"):
+            return out
+        train(RunConfig.from_dict(state["config"]) if state.get("config") else cfg, out,
+              resume=True, progress=progress)
+        return out
+    train(cfg, out, progress=progress)
+    return out

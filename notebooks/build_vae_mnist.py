@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import Image, display
 
-from inference.runner import RunConfig, train, read_metrics
+from inference.runner import RunConfig, read_metrics, train_if_missing
 from evaluation.cli import evaluate, evaluate_run, load_run, format_table
 from evaluation.estimator import estimate_log_marginal
 from evaluation.plotting import save
@@ -57,15 +57,12 @@ print(f"smoke={SMOKE}, runs in {RUNS}, epochs={EPOCHS}, K={K}, test images={N_TE
 
 
 def ensure_run(name, epochs=EPOCHS, **data_args):
-    # Train the run unless its directory already holds one; return its path.
-    out = RUNS / name
-    if not (out / "checkpoint.pt").exists():
-        latent = {"vae-d4": 4, "vae-d50": 50}.get(name, 20)
-        cfg = RunConfig(system="vae", system_args=dict(latent_dim=latent, hidden=[400], activation="relu"),
-                        data_args=dict(dataset="mnist", binarization="dynamic", **data_args),
-                        epochs=epochs, limit=LIMIT, data_dir=DATA, seed=0)
-        train(cfg, out, progress=False)
-    return out
+    # train the run unless its directory already holds it (inference.runner.train_if_missing)
+    latent = {"vae-d4": 4, "vae-d50": 50}.get(name, 20)
+    cfg = RunConfig(system="vae", system_args=dict(latent_dim=latent, hidden=[400], activation="relu"),
+                    data_args=dict(dataset="mnist", binarization="dynamic", **data_args),
+                    epochs=epochs, limit=LIMIT, data_dir=DATA, seed=0)
+    return train_if_missing(cfg, RUNS / name)
 
 
 def show(paths):

@@ -141,3 +141,19 @@ def test_config_checks():
                     (dict(limit=-5), "--limit must be a positive integer")]:
         with pytest.raises(GenlabError, match=msg):
             RunConfig(system="vae", **kw).check()
+
+
+def test_early_stopping_on_validation(data_dir, tmp_path, monkeypatch):
+    import inference.runner as runner
+
+    vals = iter([-100.0, -99.0, -99.5, -99.2, -98.0])  # best at epoch 2, then two worse epochs
+    monkeypatch.setattr(runner, "full_data_elbo", lambda *a, **k: next(vals))
+    res = train(small(data_dir, epochs=5, patience=2), tmp_path / "r", progress=False)
+    assert res.stopped_early and [m["epoch"] for m in res.metrics] == [1, 2, 3, 4]
+    assert load_checkpoint(tmp_path / "r" / "best.pt")["epoch"] == 2
+    # a finished (early-stopped) run is not trained again
+    from inference.runner import train_if_missing
+
+    before = (tmp_path / "r" / "steps.csv").read_text()
+    train_if_missing(small(data_dir, epochs=5, patience=2), tmp_path / "r")
+    assert (tmp_path / "r" / "steps.csv").read_text() == before
