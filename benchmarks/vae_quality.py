@@ -32,19 +32,22 @@ PAPER = {
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+")
+    p.add_argument("runs", nargs="+", help="run directories; RUN:FILE evaluates checkpoint FILE")
     p.add_argument("--k", type=int, default=5000)
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the rows to this JSON file")
     a = p.parse_args(argv)
     rows = []
-    for run in a.runs:
-        est, s, cfg = evaluate(run, [1, a.k], "test", a.limit, a.seed)
+    for spec in a.runs:
+        run, _, ckpt = spec.partition(":")
+        est, s, cfg = evaluate(run, [1, a.k], "test", a.limit, a.seed, checkpoint=ckpt or None)
         m = read_metrics(run)
+        if ckpt.startswith("epoch_"):  # the budget up to that epoch
+            m = [r for r in m if r["epoch"] <= int(Path(ckpt).stem.split("_")[1])]
         key = (cfg.data_args.get("dataset"), "IWAE" if cfg.loss == "RenyiELBO" else cfg.loss, cfg.k)
         iwae1l = cfg.system_args.get("hidden") == [200, 200] and cfg.system_args.get("latent_dim") == 50
-        rows.append(dict(run=run, arch=f"d={cfg.system_args['latent_dim']} h={cfg.system_args['hidden']}",
+        rows.append(dict(run=spec, arch=f"d={cfg.system_args['latent_dim']} h={cfg.system_args['hidden']}",
                          data=f"{cfg.data_args.get('dataset')}/{cfg.data_args.get('binarization')}",
                          loss=f"{cfg.loss} k={cfg.k}", epochs=int(m[-1]["epoch"]),
                          train_s=sum(r["seconds"] for r in m), elbo=s["elbo"]["mean"],

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-gb", type=float, default=1.0, help="memory budget of the estimator")
     p.add_argument("--data-dir", help="data root (default: the run's, else $GENLAB_DATA)")
     p.add_argument("--device", default=None)
+    p.add_argument("--checkpoint", help="a checkpoint file of the run, e.g. epoch_5.pt "
+                   "(default best.pt, else checkpoint.pt)")
     p.add_argument("--report", action="store_true",
                    help="also draw the system's figures into RUN_DIR/figures/")
     p.add_argument("--digit", type=int, help="the digit class a report singles out (default 6)")
@@ -63,8 +65,12 @@ def build_compare_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_run(run_dir, data_dir=None, device=None, expect_system=None):
-    """(config, system module with trained parameters, dataset) of a run directory."""
+def load_run(run_dir, data_dir=None, device=None, expect_system=None, checkpoint=None):
+    """(config, system module with trained parameters, dataset) of a run directory.
+
+    ``checkpoint`` names a file in the run directory (e.g. ``epoch_5.pt``); by default the
+    best-validation parameters ``best.pt``, else the latest ``checkpoint.pt``.
+    """
     from inference.runner import BEST, CHECKPOINT, RunConfig, load_checkpoint, restore_params
     from inference.systems import get_system
 
@@ -80,7 +86,13 @@ def load_run(run_dir, data_dir=None, device=None, expect_system=None):
     if device:
         cfg.device = device
     spec = get_system(cfg.system)
-    ckpt = run_dir / BEST if (run_dir / BEST).exists() else run_dir / CHECKPOINT
+    if checkpoint:
+        ckpt = run_dir / checkpoint
+        if not ckpt.exists():
+            have = ", ".join(sorted(p.name for p in run_dir.glob("*.pt")))
+            raise GenlabError(f"{run_dir} has no checkpoint {checkpoint!r} (it has {have})")
+    else:
+        ckpt = run_dir / BEST if (run_dir / BEST).exists() else run_dir / CHECKPOINT
     state = load_checkpoint(ckpt)
     if state.get("system") != cfg.system:
         raise GenlabError(f"checkpoint {ckpt} is from a {state.get('system')!r} run, not {cfg.system!r}")
@@ -92,14 +104,15 @@ def load_run(run_dir, data_dir=None, device=None, expect_system=None):
 
 
 def evaluate(run_dir, ks, split="test", limit=None, seed=0, memory_gb=1.0, data_dir=None,
-             device=None):
+             device=None, checkpoint=None):
     """Estimate every datapoint of ``split``; saves ``eval_<split>.npz``/``.json``;
     returns (estimate, summary, config)."""
-    return evaluate_run(run_dir, ks, split, limit, seed, memory_gb, data_dir, device)[:3]
+    return evaluate_run(run_dir, ks, split, limit, seed, memory_gb, data_dir, device,
+                        checkpoint)[:3]
 
 
 def evaluate_run(run_dir, ks, split="test", limit=None, seed=0, memory_gb=1.0, data_dir=None,
-                 device=None):
+                 device=None, checkpoint=None):
     """:func:`evaluate`, also returning the loaded system and data set."""
     import pyro
 
@@ -109,7 +122,7 @@ def evaluate_run(run_dir, ks, split="test", limit=None, seed=0, memory_gb=1.0, d
         raise GenlabError(f"--limit must be a positive integer, got {limit}")
     if memory_gb <= 0:
         raise GenlabError(f"--memory-gb must be positive, got {memory_gb}")
-    cfg, system, data = load_run(run_dir, data_dir, device)
+    cfg, system, data = load_run(run_dir, data_dir, device, checkpoint=checkpoint)
     part = data.split(split)
     if limit is not None:
         part = part.head(limit)
@@ -118,8 +131,10 @@ def evaluate_run(run_dir, ks, split="test", limit=None, seed=0, memory_gb=1.0, d
                                 ks=ks, memory=int(memory_gb * (1 << 30)), progress=True)
     summary = est.summary() | {"split": split, "run": str(run_dir), "system": cfg.system,
                                "seed": seed}
-    est.save(Path(run_dir) / f"eval_{split}.npz")
-    (Path(run_dir) / f"eval_{split}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    stem = f"eval_{split}" + (f"_{Path(checkpoint).stem}" if checkpoint else "")
+    summary["checkpoint"] = checkpoint or "best.pt/checkpoint.pt"
+    est.save(Path(run_dir) / f"{stem}.npz")
+    (Path(run_dir) / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return est, summary, cfg, system, data
 
 
@@ -179,7 +194,7 @@ def main(argv=None) -> int:
     try:
         est, summary, cfg, system, data = evaluate_run(ns.run_dir, ns.k, ns.split, ns.limit,
                                                        ns.seed, ns.memory_gb, ns.data_dir,
-                                                       ns.device)
+                                                       ns.device, ns.checkpoint)
         figures = []
         if ns.report:
             from evaluation.reports import get_report

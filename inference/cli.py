@@ -41,7 +41,7 @@ def fail(prog: str, err: GenlabError):
 
 def build_parser() -> argparse.ArgumentParser:
     from inference.runner import LOSSES, OPTIMIZERS
-    from inference.systems import SYSTEMS, _int_list
+    from inference.systems import SYSTEMS, epoch_list
 
     parser = Parser(prog="genlab-train", description="Train a genlab system with SVI into a run "
                     "directory (config.json, metrics.csv, steps.csv, checkpoint.pt).")
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--clip-norm", type=float, help="gradient clip for clipped_adam (default 10)")
         p.add_argument("--patience", type=int, help="stop after this many epochs without a better "
                        "validation ELBO")
-        p.add_argument("--keep-epochs", type=_int_list, help="also keep checkpoints of these "
+        p.add_argument("--keep-epochs", type=epoch_list, help="also keep checkpoints of these "
                        "epochs, e.g. 0,1,5 (0 = before training)")
         p.add_argument("--data-dir", help="data root (default $GENLAB_DATA, else the user cache)")
         p.add_argument("--resume", action="store_true", help="continue the run in --out")

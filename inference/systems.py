@@ -13,14 +13,20 @@ from inference import data as data_module
 from models.common import GenlabError
 
 
-def _int_list(text: str) -> list:
+def _int_list(text: str, minimum: int = 1) -> list:
     try:
         values = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or any(v < minimum for v in values):
+        kind = "positive" if minimum == 1 else f"at least {minimum}"
+        raise argparse.ArgumentTypeError(f"expected integers {kind}, got {text!r}")
     return values
+
+
+def epoch_list(text: str) -> list:
+    """Epoch numbers, 0 (before training) allowed."""
+    return _int_list(text, minimum=0)
 
 
 @dataclass

@@ -84,3 +84,21 @@ def test_console_entry_exit_code_and_help():
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "inference", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "vae" in r.stdout and "Bernoulli-pixel VAE" in r.stdout
+
+
+def test_evaluate_a_kept_epoch(capsys, tmp_path, data_dir):
+    out = str(tmp_path / "r")
+    assert train_main(["vae", *TINY, "--epochs", "2", "--keep-epochs", "0,1", "--out", out,
+                       "--data-dir", data_dir]) == 0
+    assert {p.name for p in (tmp_path / "r").glob("epoch_*.pt")} == {"epoch_0.pt", "epoch_1.pt"}
+    capsys.readouterr()
+    results = {}
+    for ckpt in ("epoch_0.pt", "epoch_1.pt", None):
+        args = [out, "--k", "2", "--limit", "8", "--json"] + (["--checkpoint", ckpt] if ckpt else [])
+        assert eval_main(args) == 0
+        results[ckpt] = json.loads(capsys.readouterr().out)["elbo"]
+    assert results["epoch_0.pt"] < results["epoch_1.pt"] < results[None]  # training helps
+    assert (tmp_path / "r" / "eval_test_epoch_0.json").exists()
+    code = eval_main([out, "--checkpoint", "epoch_9.pt"])
+    assert one_line_error(capsys, code).startswith(
+        f"genlab-eval: error: {out} has no checkpoint 'epoch_9.pt' (it has best.pt, checkpoint.pt, epoch_0.pt")
