@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="data root (default: the run's, else $GENLAB_DATA)")
     p.add_argument("--device", default=None)
     p.add_argument("--checkpoint", help="a checkpoint file of the run, e.g. epoch_5.pt "
-                   "(default best.pt, else checkpoint.pt)")
+                   "(default checkpoint.pt; best.pt for runs with --patience)")
     p.add_argument("--report", action="store_true",
                    help="also draw the system's figures into RUN_DIR/figures/")
     p.add_argument("--digit", type=int, help="the digit class a report singles out (default 6)")
@@ -69,7 +69,8 @@ def load_run(run_dir, data_dir=None, device=None, expect_system=None, checkpoint
     """(config, system module with trained parameters, dataset) of a run directory.
 
     ``checkpoint`` names a file in the run directory (e.g. ``epoch_5.pt``); by default the
-    best-validation parameters ``best.pt``, else the latest ``checkpoint.pt``.
+    latest ``checkpoint.pt``, or ``best.pt`` (the best validation ELBO) for runs trained with
+    early stopping (``--patience``).
     """
     from inference.runner import BEST, CHECKPOINT, RunConfig, load_checkpoint, restore_params
     from inference.systems import get_system
@@ -91,8 +92,10 @@ def load_run(run_dir, data_dir=None, device=None, expect_system=None, checkpoint
         if not ckpt.exists():
             have = ", ".join(sorted(p.name for p in run_dir.glob("*.pt")))
             raise GenlabError(f"{run_dir} has no checkpoint {checkpoint!r} (it has {have})")
+    elif cfg.patience is not None and (run_dir / BEST).exists():
+        ckpt = run_dir / BEST  # early stopping chose the best validation epoch
     else:
-        ckpt = run_dir / BEST if (run_dir / BEST).exists() else run_dir / CHECKPOINT
+        ckpt = run_dir / CHECKPOINT
     state = load_checkpoint(ckpt)
     if state.get("system") != cfg.system:
         raise GenlabError(f"checkpoint {ckpt} is from a {state.get('system')!r} run, not {cfg.system!r}")
@@ -146,17 +149,25 @@ def describe(cfg) -> str:
 
 
 def format_table(summary: dict, cfg) -> str:
+    joint = not summary["per_datapoint"]
+
+    def row(name, v):
+        se = "" if joint or v["se"] != v["se"] else f" ± {v['se']:.3f}"
+        return f"  {name:<16}{v['mean']:>12.3f}{se}"
+
+    unit = ("one joint value over all datapoints, nats" if joint
+            else "nats per datapoint, mean ± standard error")
     lines = [describe(cfg),
              f"{summary['split']} split, n = {summary['n']}, K = {summary['num_samples']}, "
-             f"seed {summary['seed']}; nats per datapoint, mean ± standard error",
-             f"  {'ELBO':<16}{summary['elbo']['mean']:>12.3f} ± {summary['elbo']['se']:.3f}"]
+             f"seed {summary['seed']}; {unit}",
+             row("ELBO", summary["elbo"])]
     for k, v in summary["iwae"].items():
-        lines.append(f"  {'IWAE k=' + str(k):<16}{v['mean']:>12.3f} ± {v['se']:.3f}")
-    g = summary["gap"]
-    lines.append(f"  {'gap IWAE-ELBO':<16}{g['mean']:>12.3f} ± {g['se']:.3f}")
-    lines.append(f"  k-hat > 0.7 for {100 * summary['khat_gt_0.7']:.1f} % of datapoints; "
+        lines.append(row(f"IWAE k={k}", v))
+    lines.append(row("gap IWAE-ELBO", summary["gap"]))
+    share = "of datapoints" if not joint else "(the joint weight)"
+    lines.append(f"  k-hat > 0.7 for {100 * summary['khat_gt_0.7']:.1f} % {share}; "
                  f"mean ESS {summary['ess_mean']:.1f} of {summary['num_samples']}")
-    if not summary["per_datapoint"]:
+    if joint:
         lines.append(f"  note: {summary['summed']}")
     return "\n".join(lines)
 

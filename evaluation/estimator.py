@@ -330,7 +330,7 @@ def estimate_log_marginal(
     nb = min(n_all, max(1, cells // kb), max(1, int(memory // (8 * 4 * K)))) if split else 1
     chunks = range(0, n_all, nb) if split else [0]
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     outs = []
     bar = tqdm(total=len(chunks), desc=f"IWAE K={K}", unit="chunk", leave=False,

@@ -29,7 +29,10 @@ def run_title(cfg, extra: str = "") -> str:
     if a.get("activation"):
         parts.append(str(a["activation"]))
     bits = [" ".join(parts)]
-    data = "/".join(str(v) for v in cfg.data_args.values() if v is not None)
+    d = cfg.data_args
+    named = [str(d[k]) for k in ("dataset", "binarization") if d.get(k) is not None]
+    named += [f"{k}={v}" for k, v in d.items() if k not in ("dataset", "binarization") and v is not None]
+    data = "/".join(named[:2]) + (" " + " ".join(named[2:]) if len(named) > 2 else "")
     if data:
         bits.append(data)
     bits.append(f"{cfg.loss} k={cfg.k}")

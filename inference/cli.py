@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="torch device (default cpu)")
         p.add_argument("--optimizer", choices=OPTIMIZERS, help="adam (default) or clipped_adam")
         p.add_argument("--lr-decay", type=float, help="learning-rate factor per epoch (default 1)")
-        p.add_argument("--clip-norm", type=float, help="gradient clip for clipped_adam (default 10)")
+        p.add_argument("--clip-norm", type=float, help="clipped_adam's clip: Pyro's ClippedAdam clamps each "
+                       "gradient element to [-c, c] (default 10)")
         p.add_argument("--patience", type=int, help="stop after this many epochs without a better "
                        "validation ELBO")
         p.add_argument("--keep-epochs", type=epoch_list, help="also keep checkpoints of these "
@@ -100,7 +101,10 @@ def config_from_args(ns: argparse.Namespace):
                                   f"{getattr(cfg, key)}; only --epochs, --patience, --device and "
                                   "--data-dir may change on --resume")
             elif key in sys_names + data_names:
-                raise GenlabError(f"--{key.replace('_', '-')} cannot change on --resume")
+                saved_value = (cfg.system_args if key in sys_names else cfg.data_args).get(key)
+                if value != saved_value:
+                    raise GenlabError(f"--{key.replace('_', '-')} {value} differs from the run's "
+                                      f"{saved_value}; it cannot change on --resume")
         return cfg
     values = {k: given.get(k, v) for k, v in COMMON.items()}
     values["loss"] = values["loss"] or spec.default_loss

@@ -239,16 +239,28 @@ class RunResult:
     stopped_early: bool = False
 
 
-def _write_tables(out: Path, metrics: list, steps: list) -> None:
+def _write_tables(out: Path, metrics: list, steps: list, written: Optional[dict] = None) -> None:
+    """metrics.csv (rewritten atomically) and steps.csv: rewritten on the first call of a
+    process, then only appended to (``written`` remembers how many rows are on disk), so long
+    runs of many short epochs do not rewrite a growing file every epoch."""
     cols = ["epoch", "train_elbo", "val_elbo", "seconds", "lr"]
     lines = [",".join(cols)] + [",".join(repr(r[c]) for c in cols) for r in metrics]
     _atomic_text(out / "metrics.csv", "\n".join(lines) + "\n")
     extra = sorted(steps[0][3]) if steps and len(steps[0]) > 3 else []
-    lines = [",".join(["step", "epoch", "train_elbo", *extra])]
-    for row in steps:
+
+    def fmt(row):
         values = [repr(float(row[3][k])) for k in extra] if extra else []
-        lines.append(",".join([str(row[0]), str(row[1]), repr(row[2]), *values]))
-    _atomic_text(out / "steps.csv", "\n".join(lines) + "\n")
+        return ",".join([str(row[0]), str(row[1]), repr(row[2]), *values])
+
+    done = written.get("steps") if written is not None else None
+    if done is None or done > len(steps) or written.get("columns") != extra:
+        lines = [",".join(["step", "epoch", "train_elbo", *extra])] + [fmt(r) for r in steps]
+        _atomic_text(out / "steps.csv", "\n".join(lines) + "\n")
+    elif done < len(steps):
+        with open(out / "steps.csv", "a") as f:
+            f.write("\n".join(fmt(r) for r in steps[done:]) + "\n")
+    if written is not None:
+        written["steps"], written["columns"] = len(steps), extra
 
 
 def read_metrics(out: Path) -> list:
@@ -329,10 +341,12 @@ def train(
                 "scheduler": sched.state_dict(), "rng": pyro.util.get_rng_state(),
                 "shuffle_rng": shuffle_gen.get_state(), "binarize_rng": bin_gen.get_state()}
 
+    written: dict = {}
+
     def save(extra_name: Optional[str] = None):
         snap = snapshot()
         atomic_save(snap, ckpt_path)
-        _write_tables(out, st["metrics"], st["steps"])
+        _write_tables(out, st["metrics"], st["steps"], written)
         if extra_name:
             atomic_save(snap, out / extra_name)
 
@@ -348,7 +362,7 @@ def train(
     except ValueError:  # not the main thread
         old = None
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     batches = (n + cfg.batch_size - 1) // cfg.batch_size
     stopped_early = False

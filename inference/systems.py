@@ -121,6 +121,186 @@ SYSTEMS = {
 }
 
 
+# ----------------------------------------------------------------------------- hetero (issue 7)
+def _build_hetero(args: dict):
+    from models.hetero import build_hetero
+
+    return build_hetero(**args)
+
+
+def _resolve_hetero(args: dict) -> dict:
+    from models.hetero import hetero_args
+
+    return hetero_args(**args)
+
+
+def _load_regression(args: dict, data_dir=None, download=True):
+    if args.get("csv"):
+        return data_module.load_xy_csv(args["csv"], seed=args.get("data_seed") or 0)
+    size = {k: d if args.get(k) is None else args[k]
+            for k, d in (("n_train", 500), ("n_valid", 500), ("n_test", 1000))}
+    return data_module.make_wiggles(**size, seed=args.get("data_seed") or 0)
+
+
+def _resolve_regression(args: dict) -> dict:
+    from pathlib import Path
+
+    seed = 0 if args.get("data_seed") is None else args["data_seed"]
+    if args.get("csv"):
+        return {"csv": str(Path(args["csv"]).expanduser().resolve()), "data_seed": seed}
+    size = {k: d if args.get(k) is None else args[k]
+            for k, d in (("n_train", 500), ("n_valid", 500), ("n_test", 1000))}
+    return {"dataset": "wiggles", **size, "data_seed": seed}
+
+
+SYSTEMS["hetero"] = System(
+    name="hetero",
+    help="1-D regression with a learned noise scale: homo-, heteroscedastic, Bayesian (models/hetero.py)",
+    build_model=_build_hetero,
+    resolve=_resolve_hetero,
+    load=_load_regression,
+    default_loss="Trace_ELBO",
+    system_options=[
+        ("--variant", dict(choices=("homo", "hetero", "bayes"),
+                           help="homo: one learned sigma; hetero (default): sigma(x) from a "
+                                "second network; bayes: hetero with priors on all weights"), None),
+        ("--hidden", dict(type=_int_list, help="hidden sizes of f and g (default 50,50)"), None),
+        ("--activation", dict(help="tanh (default), relu, softplus or elu"), None),
+        ("--sigma-floor", dict(type=float, help="sigma = softplus(.) + floor (default 1e-6, a "
+                               "numerical guard; e.g. 0.05 as a remedy for the dips)"), None),
+        ("--beta", dict(type=float, help="beta-NLL exponent in [0, 1] for --variant hetero "
+                        "(default 0: maximum likelihood)"), None),
+        ("--prior-scale", dict(type=float, help="prior sd of every weight, --variant bayes "
+                               "(default 1)"), None),
+    ],
+    data_options=[
+        ("--csv", dict(help="a CSV of two numeric columns x, y (default: the wiggles generator)"),
+         None),
+        ("--n-train", dict(type=int, help="wiggles training points (default 500)"), None),
+        ("--n-valid", dict(type=int, help="wiggles validation points (default 500)"), None),
+        ("--n-test", dict(type=int, help="wiggles test points (default 1000)"), None),
+        ("--data-seed", dict(type=int, help="seed of the wiggles draw or the CSV split (default 0)"),
+         None),
+    ],
+    resolve_data=_resolve_regression,
+)
+
+
+# ----------------------------------------------------------------------------- dirichlet, meta (issue 6)
+@dataclass
+class DataAwareSystem(System):
+    """A system whose model also reads the data options: ``build_model(system_args, data_args)``
+    (the conjugate model's prior is the data's law; the GRU's vocabulary is the data's)."""
+
+    def build(self, cfg):
+        return self.build_model(dict(cfg.system_args), dict(cfg.data_args))
+
+
+def _floats(text: str) -> list:
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
+
+
+def _resolve_symbol_data(args: dict, defaults: dict) -> dict:
+    out = {k: (defaults[k] if args.get(k) is None else args[k]) for k in defaults}
+    from models.dirichlet import check_alpha
+
+    if out.get("alpha") is not None:
+        out["alpha"] = check_alpha(out["alpha"]).tolist()
+    return out
+
+
+_DIRICHLET_DATA = dict(alpha=[1.3, 1.3, 1.3], symbols=100, sequences=1, p=None, test_symbols=None,
+                       data_seed=0)
+_META_DATA = dict(alpha=[1.3, 1.3, 1.3], period=5, p=None, length=100, sequences=6400,
+                  valid_sequences=1000, test_sequences=1000, data_seed=0)
+
+
+def _build_dirichlet(args: dict, data_args: dict):
+    from models.dirichlet import DirichletCategorical
+
+    return DirichletCategorical(data_args["alpha"], data_args["sequences"])
+
+
+def _load_dirichlet(args: dict, data_dir=None, download=True):
+    return data_module.load_dirichlet(args["alpha"], args["symbols"], args["sequences"], args["p"],
+                                      args["test_symbols"], args["data_seed"])
+
+
+def _build_meta(args: dict, data_args: dict):
+    from models.meta import build_meta
+
+    law = data_args.get("p") or data_args["alpha"]
+    return build_meta(**(args | {"num_symbols": len(law)}))
+
+
+def _resolve_meta(args: dict) -> dict:
+    from models.meta import meta_args
+
+    return {k: v for k, v in meta_args(**args).items() if k != "num_symbols"}
+
+
+def _load_meta(args: dict, data_dir=None, download=True):
+    return data_module.load_sequences(args["alpha"], args["period"], args["p"], args["length"],
+                                      args["sequences"], args["valid_sequences"],
+                                      args["test_sequences"], args["data_seed"])
+
+
+SYSTEMS["dirichlet"] = DataAwareSystem(
+    name="dirichlet",
+    help="Dirichlet-Categorical conjugate model, S sequences with one p each (models/dirichlet.py)",
+    build_model=_build_dirichlet,
+    resolve=lambda args: {},
+    load=_load_dirichlet,
+    default_loss="Trace_ELBO",
+    data_options=[
+        ("--alpha", dict(type=_floats, help="prior concentration, also the law of the true p's "
+                         "(default 1.3,1.3,1.3)"), _DIRICHLET_DATA["alpha"]),
+        ("--symbols", dict(type=int, help="training symbols per sequence (default 100)"), 100),
+        ("--sequences", dict(type=int, help="independent sequences S, each with its own p "
+                             "(default 1)"), 1),
+        ("--p", dict(type=_floats, help="a fixed true p for every sequence instead of draws "
+                     "from Dirichlet(alpha)"), None),
+        ("--test-symbols", dict(type=int, help="valid and test symbols per sequence (default "
+                                "--symbols)"), None),
+        ("--data-seed", dict(type=int, help="seed of the data draws (default 0)"), 0),
+    ],
+    resolve_data=lambda args: _resolve_symbol_data(args, _DIRICHLET_DATA),
+)
+
+SYSTEMS["meta"] = DataAwareSystem(
+    name="meta",
+    help="GRU meta-learner of reset-every-T symbol sequences, maximum likelihood (models/meta.py)",
+    build_model=_build_meta,
+    resolve=_resolve_meta,
+    load=_load_meta,
+    default_loss="Trace_ELBO",
+    system_options=[
+        ("--hidden", dict(type=int, help="GRU state size (default 32)"), None),
+        ("--head", dict(type=_int_list, help="hidden sizes of the output MLP (default 64)"), None),
+        ("--activation", dict(help="relu (default), tanh, softplus or elu"), None),
+    ],
+    data_options=[
+        ("--period", dict(type=int, help="reset period T (default 5)"), 5),
+        ("--alpha", dict(type=_floats, help="Dirichlet law of each block's p (default "
+                         "1.3,1.3,1.3)"), _META_DATA["alpha"]),
+        ("--p", dict(type=_floats, help="train on a fixed p instead (fixed-p mode)"), None),
+        ("--length", dict(type=int, help="sequence length L (default 100)"), 100),
+        ("--sequences", dict(type=int, help="training sequences (default 6400 = 50 batches of "
+                             "128)"), 6400),
+        ("--valid-sequences", dict(type=int, help="validation sequences (default 1000)"), 1000),
+        ("--test-sequences", dict(type=int, help="test sequences (default 1000)"), 1000),
+        ("--data-seed", dict(type=int, help="seed of the data draws (default 0)"), 0),
+    ],
+    resolve_data=lambda args: _resolve_symbol_data(args, _META_DATA),
+)
+
+
 def _build_cvae(args: dict):
     from models.cvae import build_cvae
 

@@ -102,3 +102,32 @@ def test_evaluate_a_kept_epoch(capsys, tmp_path, data_dir):
     code = eval_main([out, "--checkpoint", "epoch_9.pt"])
     assert one_line_error(capsys, code).startswith(
         f"genlab-eval: error: {out} has no checkpoint 'epoch_9.pt' (it has best.pt, checkpoint.pt, epoch_0.pt")
+
+
+def test_ctrl_c_saves_and_resume_finishes(tmp_path, data_dir):
+    import signal
+    import time
+
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "inference", "vae", "--latent-dim", "2", "--hidden", "16",
+           "--limit", "4000", "--batch-size", "8", "--epochs", "3", "--quiet", "--out", str(out),
+           "--data-dir", data_dir]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.count("\n") == 1 and err.startswith("genlab-train: error: interrupted at epoch ")
+    assert "continue with --resume" in err
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert read_epochs(out) == [1, 2, 3]
+
+
+def read_epochs(out):
+    from inference.runner import read_metrics
+
+    return [int(m["epoch"]) for m in read_metrics(out)]

@@ -13,7 +13,9 @@ from models.common import GenlabError
 
 REPORTS = {  # system name -> module under evaluation.reports
     "dirichlet": "dirichlet",
+    "hetero": "hetero",
     "meta": "meta",
+    "pixelrnn": "pixelrnn",
     "vae": "vae",
     "cvae": "cvae",
 }
