@@ -1,21 +1,9 @@
 """Writes notebooks/cvae_mnist.ipynb (the conditional VAE).  Run: python notebooks/build_cvae_mnist.py"""
 
-from pathlib import Path
-
-import nbformat as nbf
+from nbbuild import code, md, write_notebook
 
 cells = []
-
-
-def md(text):
-    cells.append(nbf.v4.new_markdown_cell(text.strip()))
-
-
-def code(text):
-    cells.append(nbf.v4.new_code_cell(text.strip()))
-
-
-md(r"""
+cells.append(md(r"""
 # The conditional VAE — study 2, part (f)
 
 The probability model (`models/cvae.py`): the label $y$ is a **covariate**, like a predictor in
@@ -31,9 +19,9 @@ $p(y)$ and a sample site for $y$: that is Kingma et al.'s semi-supervised M2 mod
 
 With `GENLAB_SMOKE=1` the notebook runs on tiny settings; the committed copy was executed on
 real runs. Everything is a call into the library.
-""")
+"""))
 
-code(r"""
+cells.append(code(r"""
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -76,54 +64,54 @@ def show(paths):
 
 print(inspect.getsource(CVAE.model))
 print(inspect.getsource(CVAE.guide))
-""")
+"""))
 
-md("""
+cells.append(md("""
 ## Training (d = 20, the same settings as the unconditional VAE)
-""")
+"""))
 
-code(r"""
+cells.append(code(r"""
 cvae_dir, vae_dir = run("cvae", "cvae-d20"), run("vae", "vae-d20")
 m = pd.DataFrame(read_metrics(cvae_dir))
 v = pd.DataFrame(read_metrics(vae_dir))
 pd.DataFrame({"epoch": m.epoch, "cvae val ELBO": m.val_elbo, "vae val ELBO": v.val_elbo[: len(m)]}).tail(5).round(2)
-""")
+"""))
 
-md("""
+cells.append(md("""
 ## log p(x | y) on test images, by the importance-weighted estimator
-""")
+"""))
 
-code(r"""
+cells.append(code(r"""
 est, summary, cfg, cvae, data = evaluate_run(cvae_dir, [1, 10, K], "test", N_TEST, seed=0, data_dir=DATA)
 print(format_table(summary, cfg))
 x, y = data.test.x[:N_TEST].cpu(), data.test.y[:N_TEST].cpu()
 from evaluation.reports.vae import loglik_by_digit_figure
 show(save(loglik_by_digit_figure(est.log_marginal, y.numpy(), cfg, K), cvae_dir, "loglik_given_label_by_digit"))
-""")
+"""))
 
-md("""
+cells.append(md("""
 ## All ten digits in four styles, and style transfer
 
 One $z \\sim \\mathcal N(0, I)$ per row, the label across the columns: the same "style" written
 as every digit. In the style-transfer figure, a test image is encoded with its own label and
 the posterior mean is decoded with every other label.
-""")
+"""))
 
-code(r"""
+cells.append(code(r"""
 torch.manual_seed(0)
 show([save(R.styles_figure(cvae, cfg), cvae_dir, "styles"),
       save(R.style_transfer_figure(cvae, x[:6], y[:6], cfg), cvae_dir, "style_transfer")])
-""")
+"""))
 
-md("""
+cells.append(md("""
 ## A generative classifier, as a check of the likelihoods
 
 $p(y \\mid x) \\propto p(x \\mid y)\\,p(y)$ with one importance-weighted estimate of
 $\\log p(x \\mid y')$ per label and $p(y)$ the training frequencies. This is a check that
 the conditional likelihoods mean something, not a competitive classifier.
-""")
+"""))
 
-code(r"""
+cells.append(code(r"""
 ll = R.per_label_loglik(cvae, x, K_CLASSIFIER)
 prior = R.label_prior(data.train.y)
 log_post, log_px_mix = R.classify(ll, prior)
@@ -131,9 +119,9 @@ pred = log_post.argmax(1)
 print(f"test accuracy {np.mean(pred == y.numpy()):.2%} on {len(y)} images (IWAE K={K_CLASSIFIER} per label)")
 show([save(R.confusion_figure(y.numpy(), pred, cfg, K_CLASSIFIER), cvae_dir, "classifier_confusion"),
       save(R.confident_wrong_figure(x.numpy(), y.numpy(), log_post, cfg), cvae_dir, "classifier_confidently_wrong")])
-""")
+"""))
 
-md("""
+cells.append(md("""
 ## log p(x | y) − log p(x) against log p(y | x) − log p(y)
 
 Bayes' rule makes these equal for every image. The left side takes $\\log p(x \\mid y)$ from
@@ -141,9 +129,9 @@ the CVAE and $\\log p(x)$ from the unconditional VAE of the same size; the right
 $p(y \\mid x)$ from the classifier above. Their difference is exactly the gap between the
 CVAE's own mixture $\\log \\sum_y p(x\\mid y)p(y)$ and the VAE's $\\log p(x)$: two different
 models of the same images.
-""")
+"""))
 
-code(r"""
+cells.append(code(r"""
 _, vae, _ = load_run(vae_dir, DATA, expect_system="vae")
 log_px = estimate_log_marginal(vae.model, vae.guide, x, num_samples=K).log_marginal
 yy = y.numpy()
@@ -157,9 +145,6 @@ pd.DataFrame([
     {"quantity": "log p(x|y) [CVAE] (IWAE)", "mean": est.log_marginal.mean(), "s.e.": se(est.log_marginal)},
     {"quantity": "log p(x) [VAE] (IWAE)", "mean": log_px.mean(), "s.e.": se(log_px)},
 ]).round(3)
-""")
+"""))
 
-nb = nbf.v4.new_notebook()
-nb.cells = cells
-nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-nbf.write(nb, Path(__file__).with_name("cvae_mnist.ipynb"))
+write_notebook(cells, "cvae_mnist.ipynb")

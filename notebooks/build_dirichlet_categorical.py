@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbbuild import write_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
 CELLS = [
     new_markdown_cell("""# Dirichlet–Categorical: conjugate checks and GRU meta-learners against Bayes
@@ -81,11 +81,7 @@ one symbol are rare in training."""),
 
 
 def main():
-    nb = new_notebook(cells=CELLS, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                            "language": "python"}})
-    path = Path(__file__).resolve().parent / "dirichlet_categorical.ipynb"
-    nbformat.write(nb, path)
-    print(path)
+    write_notebook(CELLS, "dirichlet_categorical.ipynb")
 
 
 if __name__ == "__main__":

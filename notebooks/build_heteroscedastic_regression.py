@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbbuild import write_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
 CELLS = [
     new_markdown_cell("""# Heteroscedastic regression: σ(x) from a network, the dips, and their remedies
@@ -130,11 +130,7 @@ dips left by each remedy and states what each costs in held-out log-likelihood a
 
 
 def main():
-    nb = new_notebook(cells=CELLS, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                            "language": "python"}})
-    path = Path(__file__).resolve().parent / "heteroscedastic_regression.ipynb"
-    nbformat.write(nb, path)
-    print(path)
+    write_notebook(CELLS, "heteroscedastic_regression.ipynb")
 
 
 if __name__ == "__main__":
