@@ -288,7 +288,8 @@ def compare(run_dirs, options) -> list:
     diff = lb - la
     b_wins, a_wins = np.argsort(diff)[::-1][:8], np.argsort(diff)[:8]
     fig = image_rows([x[b_wins], x[a_wins]], ["B wins most", "A wins most"],
-                     f"where each model wins: B - A in nats · {name_a} vs {name_b}",
+                     f"where each model wins, B - A in nats (IWAE K={k})\nA: {run_title(ca)}"
+                     f"\nB: {run_title(cb)}",
                      col_labels=[f"{diff[i]:+.1f}" for i in b_wins])
     for j, i in enumerate(a_wins):
         fig.axes[len(b_wins) + j].set_xlabel(f"{diff[i]:+.1f}", fontsize=8)
@@ -300,6 +301,7 @@ def compare(run_dirs, options) -> list:
             for r in range(2):
                 rows.append(_np(torch.sigmoid(vae.decode(torch.randn(10, vae.latent_dim)))))
                 row_labels.append(f"{name} d={vae.latent_dim} [{r + 1}]")
-    paths.append(save(image_rows(rows, row_labels, "generated p(x|z), z ~ N(0, I_d), both runs"),
+    title = f"generated p(x|z), z ~ N(0, I_d)\nA: {run_title(ca)}\nB: {run_title(cb)}"
+    paths.append(save(image_rows(rows, row_labels, title),
                       out, "compare_generation", sub))
     return paths
