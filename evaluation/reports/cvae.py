@@ -155,11 +155,14 @@ def report(run_dir, cfg, system, data, est, options) -> list:
         if vae.latent_dim != cvae.latent_dim:
             print(f"note: the baseline VAE has d={vae.latent_dim}, the CVAE d={cvae.latent_dim}")
         log_px = estimate_log_marginal(vae.model, vae.guide, x, num_samples=k).log_marginal
-        lhs = est.log_marginal - log_px
+        # the classifier's own estimates of log p(x | y) (same K), so the two sides differ
+        # by exactly the mixture-vs-VAE term printed below, not by Monte Carlo noise
+        lhs = ll[np.arange(len(yn)), yn] - log_px
         rhs = log_post[np.arange(len(yn)), yn] - np.log(prior[yn])
         se = lambda a: a.std(ddof=1) / np.sqrt(a.size)  # noqa: E731
         print("Bayes' rule: log p(x|y) - log p(x) = log p(y|x) - log p(y) for every image.")
-        print(f"  left,  CVAE log p(x|y) - VAE log p(x):          {lhs.mean():8.3f} ± {se(lhs):.3f}")
+        print(f"  left,  CVAE log p(x|y) - VAE log p(x):          {lhs.mean():8.3f} ± {se(lhs):.3f}"
+              f"   (CVAE at K={kc}, VAE at K={k})")
         print(f"  right, log p(y|x) - log p(y) (classifier):      {rhs.mean():8.3f} ± {se(rhs):.3f}")
         gap = log_px_mix - log_px
         print(f"  their difference is the CVAE's mixture log sum_y p(x|y)p(y) minus the VAE's "
