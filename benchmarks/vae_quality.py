@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.cli import evaluate  # noqa: E402
 from inference.runner import read_metrics  # noqa: E402
+from models.common import GenlabError  # noqa: E402
 
 # Quoted from Burda, Grosse & Salakhutdinov (2015), one stochastic layer, for reference only.
 PAPER = {
@@ -36,12 +37,18 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=5000)
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", help="data root (default: the run's, else $GENLAB_DATA)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     a = p.parse_args(argv)
     rows = []
     for spec in a.runs:
         run, _, ckpt = spec.partition(":")
-        est, s, cfg = evaluate(run, [1, a.k], "test", a.limit, a.seed, checkpoint=ckpt or None)
+        try:
+            est, s, cfg = evaluate(run, [1, a.k], "test", a.limit, a.seed, data_dir=a.data_dir,
+                                   checkpoint=ckpt or None, spread=True)
+        except GenlabError as e:
+            print(f"vae_quality: error: {e}", file=sys.stderr)
+            return 2
         m = read_metrics(run)
         if ckpt.startswith("epoch_"):  # the budget up to that epoch
             m = [r for r in m if r["epoch"] <= int(Path(ckpt).stem.split("_")[1])]
@@ -53,7 +60,8 @@ def main(argv=None) -> int:
                          train_s=sum(r["seconds"] for r in m), elbo=s["elbo"]["mean"],
                          iwae=s["iwae"][a.k]["mean"], se=s["iwae"][a.k]["se"],
                          khat=s["khat_gt_0.7"], paper=PAPER.get(key) if iwae1l else None, key=key))
-    print(f"test images: first {a.limit}, IWAE K={a.k}, seed {a.seed}; nats per image")
+    print(f"test images: {a.limit} spread evenly through the test set (every "
+          f"len/{a.limit}-th), IWAE K={a.k}, seed {a.seed}; nats per image")
     print(f"{'run':34} {'arch':18} {'data':28} {'loss':16} {'epochs':>6} {'train s':>8} "
           f"{'ELBO':>9} {'IWAE':>9} {'± s.e.':>6} {'k>0.7':>6}  paper")
     for r in rows:

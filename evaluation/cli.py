@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test",
                    help="train, valid, test, or an extra split of the run's data (holdout)")
     p.add_argument("--limit", type=int, help="only the first N datapoints of the split")
+    p.add_argument("--spread", action="store_true", help="with --limit: N datapoints spread "
+                   "evenly through the split instead of the first N (binarized-mnist's test "
+                   "file is sorted by class)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-gb", type=float, default=1.0, help="memory budget of the estimator")
@@ -57,6 +60,7 @@ def build_compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_ks, default=_ks(DEFAULT_KS))
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int)
+    p.add_argument("--spread", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-gb", type=float, default=1.0)
     p.add_argument("--data-dir")
@@ -107,15 +111,15 @@ def load_run(run_dir, data_dir=None, device=None, expect_system=None, checkpoint
 
 
 def evaluate(run_dir, ks, split="test", limit=None, seed=0, memory_gb=1.0, data_dir=None,
-             device=None, checkpoint=None):
+             device=None, checkpoint=None, spread=False):
     """Estimate every datapoint of ``split``; saves ``eval_<split>.npz``/``.json``;
     returns (estimate, summary, config)."""
     return evaluate_run(run_dir, ks, split, limit, seed, memory_gb, data_dir, device,
-                        checkpoint)[:3]
+                        checkpoint, spread)[:3]
 
 
 def evaluate_run(run_dir, ks, split="test", limit=None, seed=0, memory_gb=1.0, data_dir=None,
-                 device=None, checkpoint=None):
+                 device=None, checkpoint=None, spread=False):
     """:func:`evaluate`, also returning the loaded system and data set."""
     import pyro
 
@@ -128,7 +132,7 @@ def evaluate_run(run_dir, ks, split="test", limit=None, seed=0, memory_gb=1.0, d
     cfg, system, data = load_run(run_dir, data_dir, device, checkpoint=checkpoint)
     part = data.split(split)
     if limit is not None:
-        part = part.head(limit)
+        part = part.subset(limit, spread)
     pyro.set_rng_seed(seed)
     est = estimate_log_marginal(system.model, system.guide, *part.tensors(), num_samples=max(ks),
                                 ks=ks, memory=int(memory_gb * (1 << 30)), progress=True)
@@ -205,7 +209,7 @@ def main(argv=None) -> int:
     try:
         est, summary, cfg, system, data = evaluate_run(ns.run_dir, ns.k, ns.split, ns.limit,
                                                        ns.seed, ns.memory_gb, ns.data_dir,
-                                                       ns.device, ns.checkpoint)
+                                                       ns.device, ns.checkpoint, ns.spread)
         figures = []
         if ns.report:
             from evaluation.reports import get_report

@@ -98,6 +98,19 @@ class Split:
         """The first ``n`` datapoints."""
         return Split(self.x[:n], None if self.y is None else self.y[:n], self.dynamic)
 
+    def spread(self, n: int) -> "Split":
+        """``n`` datapoints spread evenly through the split (datapoint i * len // n), for files
+        that are sorted, like Larochelle's binarized-MNIST test set (ordered by class)."""
+        n = min(n, len(self))
+        idx = torch.arange(n) * len(self) // n
+        return Split(self.x[idx], None if self.y is None else self.y[idx], self.dynamic)
+
+    def subset(self, limit: Optional[int], spread: bool = False) -> "Split":
+        """The datapoints an evaluation with ``--limit`` (and ``--spread``) uses."""
+        if limit is None:
+            return self
+        return self.spread(limit) if spread else self.head(limit)
+
     def to(self, device) -> "Split":
         return Split(self.x.to(device), None if self.y is None else self.y.to(device), self.dynamic)
 

@@ -327,6 +327,35 @@ SYSTEMS["cvae"] = System(
 )
 
 
+# ----------------------------------------------------------------------------- pixelrnn (issue 8)
+def _build_pixelrnn(args: dict):
+    from models.pixelrnn import build_pixelrnn
+
+    return build_pixelrnn(**args)
+
+
+def _resolve_pixelrnn(args: dict) -> dict:
+    from models.pixelrnn import pixelrnn_args
+
+    return pixelrnn_args(**args)
+
+
+SYSTEMS["pixelrnn"] = System(
+    name="pixelrnn",
+    help="autoregressive pixel GRU, exact likelihood, empty guide (models/pixelrnn.py)",
+    build_model=_build_pixelrnn,
+    resolve=_resolve_pixelrnn,
+    load=_load_images,
+    default_loss="Trace_ELBO",
+    system_options=[
+        ("--hidden", dict(type=int, help="GRU state size H (default 32, the study's)"), None),
+        ("--head", dict(type=_int_list, help="hidden sizes of the output MLP (default 64)"), None),
+    ],
+    data_options=_IMAGE_DATA,
+    resolve_data=_resolve_images,
+)
+
+
 def get_system(name: str) -> System:
     if name not in SYSTEMS:
         raise GenlabError(f"unknown system {name!r}; choose one of {', '.join(SYSTEMS)}")

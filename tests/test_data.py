@@ -146,3 +146,12 @@ def test_unknown_dataset_and_binarization(data_dir):
         D.load_images("cifar", None, data_dir)
     with pytest.raises(GenlabError, match="MNIST binarization must be dynamic, fixed or threshold"):
         D.load_images("mnist", "larochelle", data_dir)
+
+
+def test_spread_subset_covers_a_sorted_test_file(data_dir):
+    d = D.load_images("binarized-mnist", None, data_dir, download=False)
+    first, spread = d.test.subset(100), d.test.subset(100, spread=True)
+    assert torch.equal(spread.x[0], d.test.x[0]) and torch.equal(spread.x[1], d.test.x[100])
+    assert len(first) == len(spread) == 100 and not torch.equal(first.x, spread.x)
+    # the test file is sorted by class: the first 100 are all zeros, heavier than the average
+    assert first.x.mean() > spread.x.mean()

@@ -116,8 +116,7 @@ def confident_wrong_figure(x, true, log_post, cfg, n: int = 10):
 def report(run_dir, cfg, system, data, est, options) -> list:
     cvae = system.cpu()
     part = data.split(options.split)
-    if options.limit is not None:
-        part = part.head(options.limit)
+    part = part.subset(options.limit, getattr(options, "spread", False))
     if part.y is None:
         raise GenlabError("the conditional VAE report needs labelled images")
     x, y = part.x.cpu(), part.y.cpu()

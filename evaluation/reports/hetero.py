@@ -455,7 +455,7 @@ def report(run_dir, cfg, system, data, estimate, options) -> list:
              save(dips_figure(name, steps, cfg, title), run_dir, "dips"),
              save(calibration_figure([(name, ho)], title), run_dir, "calibration")]
     row = _row(name, cfg, ho, steps, run_dir)
-    n_est = len(split.head(options.limit)) if getattr(options, "limit", None) else len(split)
+    n_est = len(split.subset(getattr(options, "limit", None), getattr(options, "spread", False)))
     total = float(np.sum(estimate.log_marginal))
     row["estimator"] = dict(split=split_name, log_marginal_per_point=total / n_est,
                             per_datapoint=estimate.per_datapoint,

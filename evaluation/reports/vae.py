@@ -218,8 +218,7 @@ def report(run_dir, cfg, system, data, est, options) -> list:
     """All the single-run figures into RUN_DIR/figures/."""
     digit = _digit(options)
     part = data.split(options.split)
-    if options.limit is not None:
-        part = part.head(options.limit)
+    part = part.subset(options.limit, getattr(options, "spread", False))
     x = part.x.cpu()
     labels = None if part.y is None else part.y.cpu().numpy()
     k = est.num_samples
@@ -257,13 +256,14 @@ def compare(run_dirs, options) -> list:
     for d in run_dirs:
         est, _, cfg, system, data = evaluate_run(d, options.k, options.split, options.limit,
                                                  options.seed, options.memory_gb,
-                                                 options.data_dir, "cpu")
+                                                 options.data_dir, "cpu", None,
+                                                 getattr(options, "spread", False))
         runs.append((d, cfg, system, data, est))
     (da, ca, va, data, ea), (db, cb, vb, _, eb) = runs
     if ea.n != eb.n:
         raise GenlabError("the two runs were evaluated on different numbers of images")
     part = data.split(options.split)
-    part = part.head(options.limit) if options.limit else part
+    part = part.subset(options.limit, getattr(options, "spread", False))
     x, labels = _np(part.x.cpu()), None if part.y is None else part.y.cpu().numpy()
     out, sub = (Path(options.out), "") if getattr(options, "out", None) else (Path(da), "figures")
     name_a = f"A: {Path(da).name}"
