@@ -6,6 +6,7 @@ Adding a system means one model file in ``models/`` and one row here.
 from __future__ import annotations
 
 import argparse
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,6 +28,16 @@ def _int_list(text: str, minimum: int = 1) -> list:
 def epoch_list(text: str) -> list:
     """Epoch numbers, 0 (before training) allowed."""
     return _int_list(text, minimum=0)
+
+
+def _lazy(module: str, name: str) -> Callable:
+    """``module.name(**args)``, imported on first call, so the table imports no model code."""
+
+    def call(args: dict):
+        return getattr(importlib.import_module(module), name)(**args)
+
+    call.__qualname__ = f"{module}.{name}"
+    return call
 
 
 @dataclass
@@ -61,16 +72,10 @@ class System:
         return {flag.lstrip("-").replace("-", "_"): dflt for flag, _, dflt in self.data_options}
 
 
-def _build_vae(args: dict):
-    from models.vae import build_vae
-
-    return build_vae(**args)
+_build_vae = _lazy("models.vae", "build_vae")
 
 
-def _resolve_vae(args: dict) -> dict:
-    from models.vae import vae_args
-
-    return vae_args(**args)
+_resolve_vae = _lazy("models.vae", "vae_args")
 
 
 def _load_images(args: dict, data_dir, download=True):
@@ -122,16 +127,10 @@ SYSTEMS = {
 
 
 # ----------------------------------------------------------------------------- hetero (issue 7)
-def _build_hetero(args: dict):
-    from models.hetero import build_hetero
-
-    return build_hetero(**args)
+_build_hetero = _lazy("models.hetero", "build_hetero")
 
 
-def _resolve_hetero(args: dict) -> dict:
-    from models.hetero import hetero_args
-
-    return hetero_args(**args)
+_resolve_hetero = _lazy("models.hetero", "hetero_args")
 
 
 def _load_regression(args: dict, data_dir=None, download=True):
@@ -301,10 +300,7 @@ SYSTEMS["meta"] = DataAwareSystem(
 )
 
 
-def _build_cvae(args: dict):
-    from models.cvae import build_cvae
-
-    return build_cvae(**args)
+_build_cvae = _lazy("models.cvae", "build_cvae")
 
 
 def _load_labelled_images(args: dict, data_dir, download=True):
@@ -328,16 +324,10 @@ SYSTEMS["cvae"] = System(
 
 
 # ----------------------------------------------------------------------------- pixelrnn (issue 8)
-def _build_pixelrnn(args: dict):
-    from models.pixelrnn import build_pixelrnn
-
-    return build_pixelrnn(**args)
+_build_pixelrnn = _lazy("models.pixelrnn", "build_pixelrnn")
 
 
-def _resolve_pixelrnn(args: dict) -> dict:
-    from models.pixelrnn import pixelrnn_args
-
-    return pixelrnn_args(**args)
+_resolve_pixelrnn = _lazy("models.pixelrnn", "pixelrnn_args")
 
 
 SYSTEMS["pixelrnn"] = System(
