@@ -207,7 +207,7 @@ def _khat(lw: np.ndarray) -> np.ndarray:
     return out
 
 
-def _stats(lw: torch.Tensor, ks: Sequence[int]):
+def weight_stats(lw: torch.Tensor, ks: Sequence[int]):
     """From float64 log weights ``(K, n)``: IWAE at K, ELBO, IWAE at each k, k-hat, ESS."""
     K = lw.shape[0]
     lse = torch.logsumexp(lw, 0)
@@ -346,7 +346,7 @@ def estimate_log_marginal(
             for k0 in range(0, K, kb):
                 lw = log_weights(model, guide, cargs, kwargs, min(kb, K - k0), st, data_plate)
                 parts.append(lw.double().reshape(lw.shape[0], -1))
-            outs.append(_stats(torch.cat(parts, 0), ks))
+            outs.append(weight_stats(torch.cat(parts, 0), ks))
             bar.update(1)
     bar.close()
     log_marginal = torch.cat([o[0] for o in outs]).cpu().numpy()

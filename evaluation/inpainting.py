@@ -30,7 +30,7 @@ pixels before the first missing one contribute the same factor to every particle
 ``smc=True`` the particles of an image are resampled (multinomial) whenever their effective
 sample size drops below ``ess_threshold`` × K during the sweep; :math:`\log p(x_o)` is then the
 sum of the log mean weights at each resampling and of the final population's.  Diagnostics
-(IWAE at several k, ESS, Pareto k-hat) come from the shared estimator's ``_stats`` applied to the
+(IWAE at several k, ESS, Pareto k-hat) come from the shared estimator's ``weight_stats`` applied to the
 final log weights.  The study's own proposal (fill the gap by greedy or sampled completion, score
 the rest by cross-entropy, pick the best) is the unweighted special case; the weights above are
 what makes it a consistent posterior.
@@ -60,7 +60,7 @@ import pyro.distributions as dist
 import torch
 from torch.nn import functional as F
 
-from evaluation.estimator import _stats, log_weights, probe
+from evaluation.estimator import log_weights, probe, weight_stats
 from models.common import GenlabError, check_binary, data_plate
 
 #: Enumeration limit: 2^16 completions per image.
@@ -333,7 +333,7 @@ def importance_inpaint(gru, x: torch.Tensor, missing, num_particles: int = 500, 
         lo += tail
     lw_k = lw.reshape(K, n)
     ks = sorted({int(k) for k in ks if 1 <= int(k) <= K} | {K})
-    log_marginal, _, iwae, khat, ess = _stats(lw_k, ks)
+    log_marginal, _, iwae, khat, ess = weight_stats(lw_k, ks)
     wbar = torch.softmax(lw_k, 0)  # (K, N)
     xs_k = xs.reshape(K, n, T)
     pixel_prob = (wbar.unsqueeze(-1) * xs_k.double()).sum(0)
@@ -403,7 +403,7 @@ def vae_inpaint(vae, x: torch.Tensor, missing, num_particles: int = 500, ks: Seq
     lw = log_weights(pair.model, pair.guide, args, {}, K, structure).double()  # (K, N)
     z = pair.draws  # (K, N, d)
     ks = sorted({int(k) for k in ks if 1 <= int(k) <= K} | {K})
-    log_marginal, _, iwae, khat, ess = _stats(lw, ks)
+    log_marginal, _, iwae, khat, ess = weight_stats(lw, ks)
     wbar = torch.softmax(lw, 0)
     probs = torch.sigmoid(vae.decode(z)).double()  # (K, N, T)
     pixel_prob = torch.where(miss, (wbar.unsqueeze(-1) * probs).sum(0), x.double())
