@@ -133,6 +133,8 @@ def evaluate_run(run_dir, ks, split="test", limit=None, seed=0, memory_gb=1.0, d
     part = data.split(split)
     if limit is not None:
         part = part.subset(limit, spread)
+    if hasattr(system, "check_data"):  # e.g. 0/1 pixels for a Bernoulli likelihood
+        system.check_data(*part.tensors())
     pyro.set_rng_seed(seed)
     est = estimate_log_marginal(system.model, system.guide, *part.tensors(), num_samples=max(ks),
                                 ks=ks, memory=int(memory_gb * (1 << 30)), progress=True)

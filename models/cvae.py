@@ -30,6 +30,7 @@ from typing import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 from torch.nn import functional as F
 
@@ -86,11 +87,17 @@ class CVAE(nn.Module):
             raise GenlabError(f"images must be a (N, {self.x_dim}) batch, got shape {tuple(x.shape)}")
         return check_labels(y, x.shape[0])
 
+    def check_data(self, x: torch.Tensor, y: torch.Tensor = None) -> None:
+        """Every image 0/1 and every label 0-9, once for a whole data set."""
+        self._check(x, y)
+        check_binary(x)
+
     def model(self, x: torch.Tensor, y: torch.Tensor = None, data_size=None):
         """p(z) p(x | z, y)."""
         pyro.module("decoder", self.decoder)
         y = self._check(x, y)
-        check_binary(x)
+        if is_validation_enabled():  # Pyro's validation switch: on by default, see check_data
+            check_binary(x)
         n = x.shape[0]
         with data_plate(n, data_size):
             z = pyro.sample("z", dist.Normal(x.new_zeros(n, self.latent_dim),

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 from torch.nn import functional as F
 
@@ -65,12 +66,18 @@ class VAE(nn.Module):
         """Bernoulli logits of the pixels, ``(..., 784)``."""
         return self.decoder(z)
 
+    def check_data(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
+        """Every image 0/1, once for a whole data set (the model checks each batch only while
+        Pyro's validation is on: the runner's first step, and any direct call)."""
+        check_binary(x)
+
     def model(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, data_size=None):
         """p(z) p(x | z); ``y`` (labels) is accepted and ignored."""
         pyro.module("decoder", self.decoder)
         if x.dim() != 2 or x.shape[-1] != self.x_dim:
             raise GenlabError(f"images must be a (N, {self.x_dim}) batch, got shape {tuple(x.shape)}")
-        check_binary(x)
+        if is_validation_enabled():  # Pyro's validation switch: on by default, see check_data
+            check_binary(x)
         n = x.shape[0]
         with data_plate(n, data_size):
             z = pyro.sample(

@@ -126,3 +126,16 @@ def test_first_principal_component_matches_eigh():
     _, vecs = torch.linalg.eigh(xc.T @ xc)
     assert abs(float(vecs[:, -1] @ v.double())) == pytest.approx(1.0, abs=1e-6)
     assert v[v.abs().argmax()] > 0  # the sign convention
+
+
+def test_binary_check_runs_under_validation_and_once_per_data_set():
+    import pyro
+
+    v = VAE(latent_dim=2, hidden=(8,))
+    grey = torch.full((3, 784), 0.5)
+    with pytest.raises(GenlabError, match="found the value 0.5"):
+        v.check_data(grey)
+    with pyro.validation_enabled(False):  # the runner's later steps: no per-batch check
+        v.model(grey)
+    with pytest.raises(GenlabError, match="found the value 0.5"):
+        v.model(grey)  # validation is on by default
