@@ -46,15 +46,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from evaluation.cli import load_run
     from evaluation.reports import hetero as rep
-    from inference.runner import train
+    from inference.runner import train_if_missing
 
     names = ns.only.split(",") if ns.only else list(rep.STUDY)
     root = Path(ns.runs)
     for name in names:
         out = root / name
-        if not (out / "checkpoint.pt").exists():
-            print(f"training {name} ...", flush=True)
-            train(rep.study_config(name, ns.epochs), out, progress=False)
+        train_if_missing(rep.study_config(name, ns.epochs), out)
     dirs = [str(root / n) for n in names]
     opts = SimpleNamespace(out=str(root), split="test", seed=0, data_dir=None)
     rep.compare(dirs, opts)

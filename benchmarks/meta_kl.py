@@ -16,7 +16,6 @@ Runs that already exist in ``--out`` are reused (resumed when they are shorter).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from inference.runner import train_if_missing  # noqa: E402
 
 MODELS = {"M1": (5, [10.0, 1.0, 1.0]), "M2": (20, [10.0, 1.0, 1.0]),
           "M3": (5, [1.3, 1.3, 1.3]), "M4": (20, [1.3, 1.3, 1.3])}
@@ -40,25 +41,6 @@ def config(period, alpha, epochs, max_epochs, quick=False):
                                     valid_sequences=1000, test_sequences=1000, data_seed=0),
                      epochs=epochs, batch_size=128, lr=1e-3, seed=0,
                      keep_epochs=list(range(1, max_epochs + 1)))
-
-
-def train_to(out: Path, cfg) -> None:
-    from inference.runner import train
-
-    if (out / "checkpoint.pt").exists():
-        from inference.runner import load_checkpoint
-
-        done = load_checkpoint(out / "checkpoint.pt")["loop"]["epoch"]
-        if done >= cfg.epochs:
-            return
-        saved = json.loads((out / "config.json").read_text())
-        from inference.runner import RunConfig
-
-        old = RunConfig.from_dict(saved)
-        old.epochs = cfg.epochs
-        train(old, out, resume=True, progress=False)
-    else:
-        train(cfg, out, progress=False)
 
 
 def kl_curve(out: Path):
@@ -89,12 +71,12 @@ def main() -> int:
         period, alpha = MODELS[name]
         out = Path(ns.out) / name
         t0 = time.perf_counter()
-        train_to(out, config(period, alpha, study_epochs, max_epochs, ns.quick))
+        train_if_missing(config(period, alpha, study_epochs, max_epochs, ns.quick), out)
         batches, kl = kl_curve(out)
         at_study = dict(zip(batches, kl))[study_epochs * per_epoch]
         if at_study >= TARGET and max_epochs > study_epochs:
             for e in range(study_epochs + 10, max_epochs + 1, 10):  # resume 10 epochs at a time
-                train_to(out, config(period, alpha, e, max_epochs, ns.quick))
+                train_if_missing(config(period, alpha, e, max_epochs, ns.quick), out)
                 batches, kl = kl_curve(out)
                 if kl[-1] < TARGET:
                     break

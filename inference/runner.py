@@ -455,7 +455,7 @@ def train(
 
 
 def train_if_missing(cfg: RunConfig, out, progress: Optional[bool] = False) -> Path:
-    """Train ``cfg`` into ``out`` unless it already holds a finished run; return ``out``.
+    """Train ``cfg`` into ``out`` unless it already holds ``cfg.epochs`` epochs; return ``out``.
 
     For notebooks and studies: a committed notebook re-executed on a machine that has the
     runs reuses them; a run that was interrupted is resumed.
@@ -466,8 +466,9 @@ def train_if_missing(cfg: RunConfig, out, progress: Optional[bool] = False) -> P
         state = load_checkpoint(ckpt)
         if state["loop"]["epoch"] >= cfg.epochs or state["loop"].get("stopped_early"):
             return out
-        train(RunConfig.from_dict(state["config"]) if state.get("config") else cfg, out,
-              resume=True, progress=progress)
+        saved = RunConfig.from_dict(state["config"]) if state.get("config") else cfg
+        saved.epochs = cfg.epochs  # continue the run's own config up to the epochs asked for
+        train(saved, out, resume=True, progress=progress)
         return out
     train(cfg, out, progress=progress)
     return out

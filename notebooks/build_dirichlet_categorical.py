@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from IPython.display import Image, display
 
-from inference.runner import RunConfig, train
+from inference.runner import RunConfig, train_if_missing
 from evaluation.cli import load_run
 from evaluation.reports import dirichlet as dreport, meta as mreport
 
@@ -35,12 +35,11 @@ One sequence of 100 symbols from p ~ Dirichlet(1.3, 1.3, 1.3); SVI (Trace_ELBO, 
 mini-batches of 10 symbols, Adam lr 0.3 decayed by 0.97 per epoch, 200 epochs = 2,000 steps).
 The report prints the checks and draws three figures."""),
     new_code_cell("""drun = RUNS / ("dirichlet-smoke" if SMOKE else "dirichlet")
-if not (drun / "config.json").exists():
-    cfg = RunConfig(system="dirichlet",
-                    data_args=dict(alpha=[1.3, 1.3, 1.3], symbols=20 if SMOKE else 100, sequences=1,
-                                   p=None, test_symbols=None, data_seed=0),
-                    epochs=5 if SMOKE else 200, batch_size=10, lr=0.3, lr_decay=0.97, k=32, seed=0)
-    train(cfg, drun, progress=False)
+cfg = RunConfig(system="dirichlet",
+                data_args=dict(alpha=[1.3, 1.3, 1.3], symbols=20 if SMOKE else 100, sequences=1,
+                               p=None, test_symbols=None, data_seed=0),
+                epochs=5 if SMOKE else 200, batch_size=10, lr=0.3, lr_decay=0.97, k=32, seed=0)
+train_if_missing(cfg, drun)
 cfg, system, data = load_run(drun)
 opts = argparse.Namespace(k=[1, 10, 100] if SMOKE else [1, 10, 100, 1000, 10000], seed=0, split="test")
 paths = dreport.report(drun, cfg, system, data, None, opts)
@@ -57,15 +56,14 @@ mdir = RUNS / ("meta-smoke" if SMOKE else "meta")
 runs = []
 for name, (T, alpha) in MODELS.items():
     out = mdir / name
-    if not (out / "config.json").exists():
-        n, epochs = (256, 1) if SMOKE else (6400, 20)
-        cfg = RunConfig(system="meta", system_args=dict(hidden=32, head=[64], activation="relu"),
-                        data_args=dict(alpha=alpha, period=T, p=None, length=100, sequences=n,
-                                       valid_sequences=200 if SMOKE else 1000,
-                                       test_sequences=200 if SMOKE else 1000, data_seed=0),
-                        epochs=epochs, batch_size=128, lr=1e-3, seed=0,
-                        keep_epochs=list(range(1, epochs + 1)))
-        train(cfg, out, progress=False)
+    n, epochs = (256, 1) if SMOKE else (6400, 20)
+    cfg = RunConfig(system="meta", system_args=dict(hidden=32, head=[64], activation="relu"),
+                    data_args=dict(alpha=alpha, period=T, p=None, length=100, sequences=n,
+                                   valid_sequences=200 if SMOKE else 1000,
+                                   test_sequences=200 if SMOKE else 1000, data_seed=0),
+                    epochs=epochs, batch_size=128, lr=1e-3, seed=0,
+                    keep_epochs=list(range(1, epochs + 1)))
+    train_if_missing(cfg, out)
     runs.append(out)
 paths = mreport.compare(runs, argparse.Namespace(out=str(mdir), data_dir=None, fixed_p=None))
 for p in paths:

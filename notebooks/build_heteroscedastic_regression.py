@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from IPython.display import Image, Markdown, display
 
-from inference.runner import train
+from inference.runner import train_if_missing
 from evaluation.cli import load_run
 from evaluation.reports import hetero as rep
 
@@ -46,8 +46,7 @@ Same data (wiggles, 500 / 500 / 1000 points, data seed 0) and training seed for 
 Adam lr 0.01, 1,500 full-batch steps. Each remedy changes one thing from `hetero`."""),
     new_code_cell("""for name in rep.STUDY:
     out = RUNS / name
-    if not (out / "checkpoint.pt").exists():
-        train(rep.study_config(name, EPOCHS, smoke=SMOKE), out, progress=False)
+    train_if_missing(rep.study_config(name, EPOCHS, smoke=SMOKE), out)
     cfg, _, _ = load_run(out, device="cpu")
     print(f"{name:8s} {rep.settings(cfg)}")"""),
     new_markdown_cell("""## 2. The two models on the data, and σ(x) against the truth

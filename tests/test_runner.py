@@ -157,3 +157,12 @@ def test_early_stopping_on_validation(data_dir, tmp_path, monkeypatch):
     before = (tmp_path / "r" / "steps.csv").read_text()
     train_if_missing(small(data_dir, epochs=5, patience=2), tmp_path / "r")
     assert (tmp_path / "r" / "steps.csv").read_text() == before
+
+
+def test_train_if_missing_continues_to_the_epochs_asked_for(data_dir, tmp_path):
+    from inference.runner import train_if_missing
+
+    train(small(data_dir, epochs=3), tmp_path / "whole", progress=False)
+    train_if_missing(small(data_dir, epochs=1), tmp_path / "grow")
+    train_if_missing(small(data_dir, epochs=3), tmp_path / "grow")
+    assert steps_of(tmp_path / "whole") == steps_of(tmp_path / "grow")
