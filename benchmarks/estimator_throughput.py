@@ -9,7 +9,7 @@ weights (torch.manual_seed(0) initialization; the cost does not depend on the we
 Contenders, each in its own worker process (so peak memory is not mixed), all under
 ``torch.no_grad`` and the same memory budget of 1 GiB:
 
-* genlab: ``evaluation.estimator.estimate_log_marginal(model, guide, x, num_samples=K,
+* genlab: ``inference.importance.estimate_log_marginal(model, guide, x, num_samples=K,
   memory=1 GiB)`` (it also returns ELBO, k-hat and ESS per image);
 * Pyro RenyiELBO: ``RenyiELBO(alpha=0, num_particles=K, vectorize_particles=True).loss`` per
   chunk of images.  RenyiELBO weights a chunk jointly (one weight per particle for the whole
@@ -88,8 +88,8 @@ def worker(role: str, xpath: str, K: int, cap: float) -> None:
     import pyro
     import torch
 
-    from evaluation import estimator as est
-    from evaluation.estimator import estimate_log_marginal
+    from inference import importance as est
+    from inference.importance import estimate_log_marginal
     from models.vae import VAE
 
     pyro.set_rng_seed(0)

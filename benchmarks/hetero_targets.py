@@ -44,7 +44,7 @@ def main(argv=None) -> int:
                    "lr1e-3,clip,bayes (evaluation.reports.hetero.STUDY)")
     ns = p.parse_args(argv)
     torch.set_num_threads(1)
-    from evaluation.cli import load_run
+    from evaluation.api import load_run
     from evaluation.reports import hetero as rep
     from inference.runner import train_if_missing
 

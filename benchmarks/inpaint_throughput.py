@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
     if (Path(ns.run) / "config.json").exists():
-        from evaluation.cli import load_run
+        from evaluation.api import load_run
 
         cfg, system, data = load_run(ns.run, ns.data_dir, expect_system="pixelrnn")
         x = data.test.x[: ns.images]

@@ -44,7 +44,7 @@ def config(period, alpha, epochs, max_epochs, quick=False):
 
 
 def kl_curve(out: Path):
-    from evaluation.cli import load_run
+    from evaluation.api import load_run
     from evaluation.reports.meta import learning_curves
 
     cfg, system, data = load_run(out)

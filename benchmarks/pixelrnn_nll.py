@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from evaluation.cli import load_run  # noqa: E402
+from evaluation.api import load_run  # noqa: E402
 from evaluation.reports.pixelrnn import LITERATURE, likelihood_table  # noqa: E402
 
 TARGET = LITERATURE["NADE"]

@@ -137,8 +137,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     perm = torch.randperm(n, generator=g)
     n_batches = warm + blocks * per_block
-    batches = [train_set.batch(perm[(i * BATCH) % (n - BATCH):][:BATCH]) for i in range(n_batches)]
-    probe_args = train_set.batch(torch.arange(2))
+    batches = [train_set.batch(perm[(i * BATCH) % (n - BATCH):][:BATCH], None, ("x",))
+               for i in range(n_batches)]
+    probe_args = train_set.batch(torch.arange(2), None, ("x",))
 
     system, objective, ropt = make_runner(0, n, probe_args)
     plain, popt = make_plain(system)

@@ -1,5 +1,5 @@
 """genlab evaluation: the importance-weighted estimator, metrics, reports, command line."""
 
-from evaluation.estimator import Estimate, estimate_log_marginal, log_weights
+from inference.importance import Estimate, estimate_log_marginal, log_weights
 
 __all__ = ["Estimate", "estimate_log_marginal", "log_weights"]

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from evaluation.api import describe, evaluate, read_config
+from evaluation.reports import get_report
 from inference.cli import Parser, fail
 from models.common import GenlabError
 
@@ -69,91 +71,6 @@ def build_compare_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_run(run_dir, data_dir=None, device=None, expect_system=None, checkpoint=None):
-    """(config, system module with trained parameters, dataset) of a run directory.
-
-    ``checkpoint`` names a file in the run directory (e.g. ``epoch_5.pt``); by default the
-    latest ``checkpoint.pt``, or ``best.pt`` (the best validation ELBO) for runs trained with
-    early stopping (``--patience``).
-    """
-    from inference.runner import BEST, CHECKPOINT, RunConfig, load_checkpoint, restore_params
-    from inference.systems import get_system
-
-    run_dir = Path(run_dir)
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise GenlabError(f"{run_dir} is not a run directory (no config.json)")
-    cfg = RunConfig.from_dict(json.loads(path.read_text()))
-    if expect_system is not None and cfg.system != expect_system:
-        raise GenlabError(f"{run_dir} holds a {cfg.system!r} run, not {expect_system!r}")
-    if data_dir:
-        cfg.data_dir = data_dir
-    if device:
-        cfg.device = device
-    spec = get_system(cfg.system)
-    if checkpoint:
-        ckpt = run_dir / checkpoint
-        if not ckpt.exists():
-            have = ", ".join(sorted(p.name for p in run_dir.glob("*.pt")))
-            raise GenlabError(f"{run_dir} has no checkpoint {checkpoint!r} (it has {have})")
-    elif cfg.patience is not None and (run_dir / BEST).exists():
-        ckpt = run_dir / BEST  # early stopping chose the best validation epoch
-    else:
-        ckpt = run_dir / CHECKPOINT
-    state = load_checkpoint(ckpt)
-    if state.get("system") != cfg.system:
-        raise GenlabError(f"checkpoint {ckpt} is from a {state.get('system')!r} run, not {cfg.system!r}")
-    system = spec.build(cfg)
-    restore_params(system, state)
-    system.to(cfg.device).eval()
-    data = spec.load_data(cfg).to(cfg.device)
-    return cfg, system, data
-
-
-def evaluate(run_dir, ks, split="test", limit=None, seed=0, memory_gb=1.0, data_dir=None,
-             device=None, checkpoint=None, spread=False):
-    """Estimate every datapoint of ``split``; saves ``eval_<split>.npz``/``.json``;
-    returns (estimate, summary, config)."""
-    return evaluate_run(run_dir, ks, split, limit, seed, memory_gb, data_dir, device,
-                        checkpoint, spread)[:3]
-
-
-def evaluate_run(run_dir, ks, split="test", limit=None, seed=0, memory_gb=1.0, data_dir=None,
-                 device=None, checkpoint=None, spread=False):
-    """:func:`evaluate`, also returning the loaded system and data set."""
-    import pyro
-
-    from evaluation.estimator import estimate_log_marginal
-
-    if limit is not None and limit < 1:
-        raise GenlabError(f"--limit must be a positive integer, got {limit}")
-    if memory_gb <= 0:
-        raise GenlabError(f"--memory-gb must be positive, got {memory_gb}")
-    cfg, system, data = load_run(run_dir, data_dir, device, checkpoint=checkpoint)
-    part = data.split(split)
-    if limit is not None:
-        part = part.subset(limit, spread)
-    if hasattr(system, "check_data"):  # e.g. 0/1 pixels for a Bernoulli likelihood
-        system.check_data(*part.tensors())
-    pyro.set_rng_seed(seed)
-    est = estimate_log_marginal(system.model, system.guide, *part.tensors(), num_samples=max(ks),
-                                ks=ks, memory=int(memory_gb * (1 << 30)), progress=True)
-    summary = est.summary() | {"split": split, "run": str(run_dir), "system": cfg.system,
-                               "seed": seed}
-    stem = f"eval_{split}" + (f"_{Path(checkpoint).stem}" if checkpoint else "")
-    summary["checkpoint"] = checkpoint or "best.pt/checkpoint.pt"
-    est.save(Path(run_dir) / f"{stem}.npz")
-    (Path(run_dir) / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return est, summary, cfg, system, data
-
-
-def describe(cfg) -> str:
-    """One line naming the run: system, its architecture, data and binarization."""
-    arch = ", ".join(f"{k}={v}" for k, v in cfg.system_args.items() if v is not None)
-    data = "/".join(str(v) for v in cfg.data_args.values() if v is not None)
-    return f"{cfg.system} ({arch}) on {data}, loss {cfg.loss} k={cfg.k}"
-
-
 def format_table(summary: dict, cfg) -> str:
     joint = not summary["per_datapoint"]
 
@@ -179,8 +96,6 @@ def format_table(summary: dict, cfg) -> str:
 
 
 def compare_main(argv) -> int:
-    from evaluation.reports import get_report
-
     parser = build_compare_parser()
     ns = parser.parse_args(argv)
     try:
@@ -188,10 +103,7 @@ def compare_main(argv) -> int:
             raise GenlabError("compare needs at least two run directories")
         systems = set()
         for d in ns.run_dirs:
-            path = Path(d) / "config.json"
-            if not path.exists():
-                raise GenlabError(f"{d} is not a run directory (no config.json)")
-            systems.add(json.loads(path.read_text())["system"])
+            systems.add(read_config(d).system)
         if len(systems) != 1:
             raise GenlabError(f"compare needs runs of one system, got {sorted(systems)}")
         paths = get_report(systems.pop()).compare(ns.run_dirs, ns)
@@ -209,14 +121,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
-        est, summary, cfg, system, data = evaluate_run(ns.run_dir, ns.k, ns.split, ns.limit,
-                                                       ns.seed, ns.memory_gb, ns.data_dir,
-                                                       ns.device, ns.checkpoint, ns.spread)
+        ev = evaluate(ns.run_dir, ns.k, ns.split, ns.limit, ns.seed, ns.memory_gb, ns.data_dir,
+                      ns.device, ns.checkpoint, ns.spread)
+        summary, cfg = ev.summary, ev.config
         figures = []
         if ns.report:
-            from evaluation.reports import get_report
-
-            figures = get_report(cfg.system).report(Path(ns.run_dir), cfg, system, data, est, ns)
+            figures = get_report(cfg.system).report(Path(ns.run_dir), cfg, ev.system, ev.data,
+                                                    ev.estimate, ns)
     except GenlabError as e:
         return fail(parser.prog, e)
     if ns.json:

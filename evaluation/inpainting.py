@@ -60,7 +60,7 @@ import pyro.distributions as dist
 import torch
 from torch.nn import functional as F
 
-from evaluation.estimator import log_weights, probe, weight_stats
+from inference.importance import log_weights, probe, weight_stats
 from models.common import GenlabError, check_binary, data_plate
 
 #: Enumeration limit: 2^16 completions per image.

@@ -87,12 +87,24 @@ class Split:
         """The model's positional arguments for the whole split: ``(x,)`` or ``(x, y)``."""
         return (self.x,) if self.y is None else (self.x, self.y)
 
-    def batch(self, idx: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple:
-        """The model's positional arguments for the datapoints ``idx``."""
-        x = self.x[idx]
-        if self.dynamic:
-            x = torch.bernoulli(x, generator=generator)
-        return (x,) if self.y is None else (x, self.y[idx])
+    def batch(self, idx: Optional[torch.Tensor] = None,
+              generator: Optional[torch.Generator] = None, fields: Optional[tuple] = None) -> tuple:
+        """The fields ``fields`` (default: ``x``, and ``y`` when present) of the datapoints
+        ``idx`` (default: all), in that order; dynamic binarization draws ``x`` afresh."""
+        fields = self.fields() if fields is None else tuple(fields)
+        out = []
+        for name in fields:
+            value = getattr(self, name, None)
+            if value is None:
+                raise GenlabError(f"this data has no field {name!r} (it has {', '.join(self.fields())})")
+            value = value if idx is None else value[idx]
+            if name == "x" and self.dynamic and idx is not None:
+                value = torch.bernoulli(value, generator=generator)
+            out.append(value)
+        return tuple(out)
+
+    def fields(self) -> tuple:
+        return ("x",) if self.y is None else ("x", "y")
 
     def head(self, n: int) -> "Split":
         """The first ``n`` datapoints."""

@@ -40,10 +40,10 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from evaluation.estimator import log_weights, probe
+from inference.losses import LOSSES, make_loss
+from inference.systems import get_system
 from models.common import GenlabError
 
-LOSSES = ("Trace_ELBO", "TraceMeanField_ELBO", "IWAE", "RenyiELBO")
 OPTIMIZERS = ("adam", "clipped_adam")
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -111,16 +111,12 @@ class RunConfig:
 
 # ----------------------------------------------------------------------------- objectives
 class Objective:
-    """A named loss: ``objective(model, guide, args, data_size)`` -> differentiable scalar."""
+    """A named loss (:func:`inference.losses.make_loss`) called as
+    ``objective(model, guide, args, data_size)`` -> differentiable scalar."""
 
     def __init__(self, name: str, k: int = 1):
         self.name, self.k = ("IWAE" if name == "RenyiELBO" else name), int(k)
-        vec = self.k > 1
-        if self.name == "Trace_ELBO":
-            self._elbo = pyro.infer.Trace_ELBO(num_particles=self.k, vectorize_particles=vec)
-        elif self.name == "TraceMeanField_ELBO":
-            self._elbo = pyro.infer.TraceMeanField_ELBO(num_particles=self.k, vectorize_particles=vec)
-        self._structure = None
+        self._loss = make_loss(self.name, self.k)
         self._calls = 0
 
     def __call__(self, model, guide, args, data_size: int) -> torch.Tensor:
@@ -129,21 +125,7 @@ class Objective:
         # same structure, so they skip it (about 4 % of a VAE step).
         first, self._calls = self._calls == 0, self._calls + 1
         with pyro.validation_enabled(first and pyro.infer.util.is_validation_enabled()):
-            return self._loss(model, guide, args, data_size)
-
-    def _loss(self, model, guide, args, data_size: int) -> torch.Tensor:
-        if self.name != "IWAE":
-            return self._elbo.differentiable_loss(model, guide, *args, data_size=data_size)
-        if self._structure is None:
-            self._structure = probe(model, guide, args, {"data_size": data_size})
-            if not self._structure.per_datapoint:
-                raise GenlabError(
-                    "the IWAE loss needs every sample site inside plate 'data' (per-datapoint "
-                    f"weights); sites {self._structure.outside} are outside it: use Trace_ELBO"
-                )
-        lw = log_weights(model, guide, args, {"data_size": data_size}, self.k, self._structure)
-        bound = torch.logsumexp(lw, 0) - math.log(self.k)  # (B,) per-datapoint IWAE bound
-        return -bound.sum() * (data_size / bound.shape[0])
+            return self._loss.differentiable_loss(model, guide, *args, data_size=data_size)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -207,7 +189,7 @@ def forked_rng(seed: int):
 
 
 # ----------------------------------------------------------------------------- validation
-def full_data_elbo(system, split, batch_size: int, k: int = 1) -> float:
+def full_data_elbo(system, split, batch_size: int, k: int = 1, inputs: Optional[tuple] = None) -> float:
     """Validation ELBO in nats per datapoint: mini-batch estimates of the full-split ELBO,
     weighted by batch share (exactly the sum over datapoints when all sites are local)."""
     n = len(split)
@@ -216,7 +198,7 @@ def full_data_elbo(system, split, batch_size: int, k: int = 1) -> float:
     with torch.no_grad():
         for s in range(0, n, batch_size):
             idx = torch.arange(s, min(n, s + batch_size))
-            args = split.batch(idx)
+            args = split.batch(idx, None, inputs)
             total += elbo.loss(system.model, system.guide, *args, data_size=n) * len(idx) / n
     return -total / n
 
@@ -240,11 +222,66 @@ def _find_bad_site(system, args, data_size) -> str:
 
 
 # ----------------------------------------------------------------------------- the loop
+#: Seeds derived from ``cfg.seed``, named once: the shuffling generator, the binarization
+#: generator, and validation after epoch E, which runs on a forked RNG seeded
+#: ``seed + VALIDATION_SEED_STRIDE * E`` (so it never disturbs the training stream).
+SHUFFLE_SEED_OFFSET = 1
+BINARIZE_SEED_OFFSET = 2
+VALIDATION_SEED_STRIDE = 7919
+
+
+@dataclass
+class StepRow:
+    """One optimizer step: the objective in nats per datapoint and the system's diagnostics."""
+
+    step: int  # global step, from 0
+    epoch: int  # from 1
+    train_elbo: float
+    extra: Optional[dict] = None  # ``system.step_metrics(*batch)``, when the system has it
+
+    def saved(self) -> tuple:  # the checkpoint's format (format 1): a tuple
+        head = (self.step, self.epoch, self.train_elbo)
+        return head if self.extra is None else head + (self.extra,)
+
+    @classmethod
+    def load(cls, row) -> "StepRow":
+        return row if isinstance(row, cls) else cls(*row)
+
+
+@dataclass
+class LoopState:
+    """Where the training loop is; saved in every checkpoint (as a dict, ``loop``)."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed steps of the current epoch
+    global_step: int = 0
+    perm: Optional[torch.Tensor] = None  # the current epoch's shuffle, None between epochs
+    loss_sum: float = 0.0  # sum over the epoch's steps of objective x batch size
+    metrics: list = field(default_factory=list)  # one dict per completed epoch
+    steps: list = field(default_factory=list)  # StepRow per step
+    best_val: float = -math.inf
+    bad_epochs: int = 0
+    stopped_early: bool = False
+
+    def saved(self) -> dict:
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        d["steps"] = [r.saved() for r in self.steps]
+        d["metrics"] = [dict(m) for m in self.metrics]
+        return d
+
+    @classmethod
+    def load(cls, d: dict) -> "LoopState":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        st = cls(**known)
+        st.steps = [StepRow.load(r) for r in st.steps]
+        return st
+
+
 @dataclass
 class RunResult:
     out: Path
     metrics: list
-    steps: list
+    steps: list  # StepRow
     stopped_early: bool = False
 
 
@@ -255,11 +292,11 @@ def _write_tables(out: Path, metrics: list, steps: list, written: Optional[dict]
     cols = ["epoch", "train_elbo", "val_elbo", "seconds", "lr"]
     lines = [",".join(cols)] + [",".join(repr(r[c]) for c in cols) for r in metrics]
     _atomic_text(out / "metrics.csv", "\n".join(lines) + "\n")
-    extra = sorted(steps[0][3]) if steps and len(steps[0]) > 3 else []
+    extra = sorted(steps[0].extra) if steps and steps[0].extra is not None else []
 
-    def fmt(row):
-        values = [repr(float(row[3][k])) for k in extra] if extra else []
-        return ",".join([str(row[0]), str(row[1]), repr(row[2]), *values])
+    def fmt(row: StepRow):
+        values = [repr(float(row.extra[k])) for k in extra] if extra else []
+        return ",".join([str(row.step), str(row.epoch), repr(row.train_elbo), *values])
 
     done = written.get("steps") if written is not None else None
     if done is None or done > len(steps) or written.get("columns") != extra:
@@ -277,6 +314,224 @@ def read_metrics(out: Path) -> list:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+@contextmanager
+def sigint_requests_stop():
+    """While inside, Ctrl-C sets ``flag["stop"]`` instead of raising; the handler is restored
+    on exit.  (Outside the main thread signals cannot be caught: the flag stays False.)"""
+    flag = {"stop": False}
+    try:
+        old = signal.signal(signal.SIGINT, lambda *_: flag.__setitem__("stop", True))
+    except ValueError:  # not the main thread
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+class Trainer:
+    """One run's training, in named steps: :meth:`__init__` (set up or restore),
+    :meth:`run_epoch`, :meth:`validate`, :meth:`checkpoint`; :func:`train` drives them."""
+
+    def __init__(self, cfg: RunConfig, out: Path, resume: bool = False,
+                 progress: Optional[bool] = None):
+        cfg.check()
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.ckpt_path = self.out / CHECKPOINT
+        state = self._previous_state(resume)
+        self.spec = get_system(cfg.system)
+        self.out.mkdir(parents=True, exist_ok=True)
+        _atomic_text(self.out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+
+        pyro.set_rng_seed(cfg.seed)
+        self.device = torch.device(cfg.device)
+        data = self.spec.load_data(cfg)
+        train_set, valid_set = data.train, data.valid
+        if cfg.limit is not None:
+            train_set = train_set.head(cfg.limit)
+        self.train_set, self.valid_set = train_set.to(self.device), valid_set.to(self.device)
+        self.system = self.spec.build(cfg).to(self.device)
+        self.objective = Objective(cfg.loss, cfg.k)
+        self.n = len(self.train_set)
+        if self.n == 0:
+            raise GenlabError("the training set is empty")
+        self._setup_params(state)
+        self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + SHUFFLE_SEED_OFFSET)
+        self.bin_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + BINARIZE_SEED_OFFSET)
+        if state is None:
+            self.st = LoopState()
+        else:
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            pyro.util.set_rng_state(state["rng"])
+            self.shuffle_gen.set_state(state["shuffle_rng"])
+            self.bin_gen.set_state(state["binarize_rng"])
+            self.st = LoopState.load(state["loop"])
+        self._written: dict = {}
+        self.step_metrics = getattr(self.system, "step_metrics", None)
+        self.batches = (self.n + cfg.batch_size - 1) // cfg.batch_size
+        if state is None:
+            self.checkpoint("epoch_0.pt" if 0 in cfg.keep_epochs else None)
+
+    def _previous_state(self, resume: bool) -> Optional[dict]:
+        if resume:
+            state = load_checkpoint(self.ckpt_path)
+            if state.get("system") != self.cfg.system:
+                raise GenlabError(f"{self.out} holds a {state.get('system')!r} run, not "
+                                  f"{self.cfg.system!r}; choose another --out")
+            return state
+        if self.ckpt_path.exists():
+            raise GenlabError(f"{self.out} already holds a run; pass --resume to continue it "
+                              "or choose another --out")
+        return None
+
+    def _setup_params(self, state: Optional[dict]) -> None:
+        """Restore or discover every parameter (module weights and pyro.param sites) without
+        using the RNG, then build the optimizer and the learning-rate schedule."""
+        cfg, system = self.cfg, self.system
+        pyro.clear_param_store()
+        if state is not None:
+            restore_params(system, state)
+        with forked_rng(cfg.seed):
+            probe_args = self.spec.model_inputs(self.train_set, torch.arange(min(2, self.n)),
+                                                torch.Generator().manual_seed(0))
+            self.objective(system.model, system.guide, probe_args, self.n)
+        params = [p for _, p in sorted(pyro.get_param_store().named_parameters())]
+        if cfg.optimizer == "adam":
+            self.opt = torch.optim.Adam(params, lr=cfg.lr)
+        else:
+            self.opt = pyro.optim.clipped_adam.ClippedAdam(params, lr=cfg.lr, clip_norm=cfg.clip_norm)
+        self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, gamma=cfg.lr_decay)
+
+    # ------------------------------------------------------------------ checkpoints
+    def snapshot(self) -> dict:
+        return {"format": 1, "system": self.cfg.system, "config": asdict(self.cfg),
+                "loop": self.st.saved(), **param_state(self.system),
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "rng": pyro.util.get_rng_state(), "shuffle_rng": self.shuffle_gen.get_state(),
+                "binarize_rng": self.bin_gen.get_state()}
+
+    def checkpoint(self, extra_name: Optional[str] = None) -> None:
+        """``checkpoint.pt`` (and ``extra_name``), atomically, with the tables."""
+        snap = self.snapshot()
+        atomic_save(snap, self.ckpt_path)
+        _write_tables(self.out, self.st.metrics, self.st.steps, self._written)
+        if extra_name:
+            atomic_save(snap, self.out / extra_name)
+
+    # ------------------------------------------------------------------ one step, one epoch
+    def step(self, idx: torch.Tensor) -> float:
+        """One optimizer step on the datapoints ``idx``; the objective in nats per datapoint."""
+        st, n = self.st, self.n
+        rng_before = pyro.util.get_rng_state()
+        args = self.spec.model_inputs(self.train_set, idx.to(self.device), self.bin_gen)
+        with warnings.catch_warnings():  # a non-finite loss is reported below, once
+            warnings.filterwarnings("ignore", message="Encountered NaN")
+            loss = self.objective(self.system.model, self.system.guide, args, n)
+        value = loss.item()
+        if not math.isfinite(value):
+            pyro.util.set_rng_state(rng_before)
+            where = _find_bad_site(self.system, args, n)
+            raise Diverged(
+                f"non-finite loss ({value}) at epoch {st.epoch + 1}, step {st.step} "
+                f"(global step {st.global_step}), {where}; the last good checkpoint is {self.ckpt_path}"
+            )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        per_point = -value / n
+        extra = None
+        if self.step_metrics is not None:  # the system's own per-step diagnostics
+            with torch.no_grad():
+                extra = self.step_metrics(*args)
+        st.steps.append(StepRow(st.global_step, st.epoch + 1, per_point, extra))
+        st.loss_sum += per_point * len(idx)
+        st.step += 1
+        st.global_step += 1
+        return per_point
+
+    def run_epoch(self, stop: dict, stop_after_steps: Optional[int] = None) -> None:
+        """The rest of the current epoch (from ``st.step``); saves and raises
+        :class:`Interrupted` when ``stop["stop"]`` is set or after ``stop_after_steps``."""
+        from tqdm import tqdm  # noqa: PLC0415  (tqdm only when training)
+
+        st, cfg = self.st, self.cfg
+        if st.perm is None:
+            st.perm = torch.randperm(self.n, generator=self.shuffle_gen)
+            st.loss_sum = 0.0
+        bar = tqdm(total=self.batches, initial=st.step, disable=self.progress is False or None,
+                   desc=f"{cfg.system} epoch {st.epoch + 1}/{cfg.epochs}", leave=False)
+        self.system.train()
+        done = 0
+        while st.step < self.batches:
+            if stop["stop"] or (stop_after_steps is not None and done >= stop_after_steps):
+                self.checkpoint()
+                raise Interrupted(
+                    f"interrupted at epoch {st.epoch + 1}, step {st.step}; state saved to "
+                    f"{self.ckpt_path}; continue with --resume --out {self.out}"
+                )
+            idx = st.perm[st.step * cfg.batch_size : (st.step + 1) * cfg.batch_size]
+            per_point = self.step(idx)
+            done += 1
+            bar.update(1)
+            bar.set_postfix_str(f"elbo {per_point:.2f} nats/pt")
+        bar.close()
+        self.steps_done = done
+
+    def validate(self) -> float:
+        """The validation ELBO (nats per datapoint) on a forked RNG; nan without a valid split."""
+        self.system.eval()
+        if not len(self.valid_set):
+            return float("nan")
+        with forked_rng(self.cfg.seed + VALIDATION_SEED_STRIDE * (self.st.epoch + 1)):
+            return full_data_elbo(self.system, self.valid_set, max(self.cfg.batch_size, 500),
+                                  inputs=self.spec.inputs)
+
+    def end_epoch(self, val: float, seconds: float) -> bool:
+        """Record the epoch, checkpoint it, keep the best; True when early stopping fires."""
+        st, cfg = self.st, self.cfg
+        lr = self.opt.param_groups[0]["lr"]
+        self.sched.step()
+        st.metrics.append(dict(epoch=st.epoch + 1, train_elbo=st.loss_sum / self.n, val_elbo=val,
+                               seconds=round(seconds, 3), lr=lr))
+        st.epoch += 1
+        st.step, st.perm = 0, None
+        if self.progress is not False:
+            m = st.metrics[-1]
+            print(f"epoch {m['epoch']}: train ELBO {m['train_elbo']:.3f}, "
+                  f"validation ELBO {m['val_elbo']:.3f} nats/pt, {m['seconds']:.1f} s", flush=True)
+        improved = val > st.best_val
+        if improved:
+            st.best_val, st.bad_epochs = val, 0
+        else:
+            st.bad_epochs += 1
+        self.checkpoint(f"epoch_{st.epoch}.pt" if st.epoch in cfg.keep_epochs else None)
+        if improved or not math.isfinite(val):
+            atomic_save(param_state(self.system) | {"system": cfg.system, "config": asdict(cfg),
+                                                     "epoch": st.epoch}, self.out / BEST)
+        if cfg.patience is not None and st.bad_epochs >= cfg.patience:
+            st.stopped_early = True
+            self.checkpoint()
+            return True
+        return False
+
+    def run(self, stop_after_steps: Optional[int] = None) -> RunResult:
+        stopped_early = False
+        left = stop_after_steps
+        with sigint_requests_stop() as stop:
+            while self.st.epoch < self.cfg.epochs:
+                t0 = time.perf_counter()
+                self.run_epoch(stop, left)
+                if left is not None:
+                    left -= self.steps_done
+                val = self.validate()
+                if self.end_epoch(val, time.perf_counter() - t0):
+                    stopped_early = True
+                    break
+        return RunResult(self.out, self.st.metrics, self.st.steps, stopped_early)
+
+
 def train(
     cfg: RunConfig,
     out: Path,
@@ -285,173 +540,7 @@ def train(
     stop_after_steps: Optional[int] = None,
 ) -> RunResult:
     """Train ``cfg.system`` into the run directory ``out`` (see the module docstring)."""
-    from inference.systems import get_system  # the table imports the data module and models
-
-    cfg.check()
-    out = Path(out)
-    ckpt_path = out / CHECKPOINT
-    state = None
-    if resume:
-        state = load_checkpoint(ckpt_path)
-        if state.get("system") != cfg.system:
-            raise GenlabError(
-                f"{out} holds a {state.get('system')!r} run, not {cfg.system!r}; choose another --out"
-            )
-    elif ckpt_path.exists():
-        raise GenlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    spec = get_system(cfg.system)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-
-    pyro.set_rng_seed(cfg.seed)
-    device = torch.device(cfg.device)
-    data = spec.load_data(cfg)
-    train_set, valid_set = data.train, data.valid
-    if cfg.limit is not None:
-        train_set = train_set.head(cfg.limit)
-    train_set, valid_set = train_set.to(device), valid_set.to(device)
-    system = spec.build(cfg).to(device)
-    objective = Objective(cfg.loss, cfg.k)
-    n = len(train_set)
-    if n == 0:
-        raise GenlabError("the training set is empty")
-
-    pyro.clear_param_store()
-    if state is not None:
-        restore_params(system, state)
-    # Discover every parameter (module weights and pyro.param sites) without using the RNG.
-    with forked_rng(cfg.seed):
-        probe_args = train_set.batch(torch.arange(min(2, n)), torch.Generator().manual_seed(0))
-        objective(system.model, system.guide, probe_args, n)
-    named = sorted(pyro.get_param_store().named_parameters())
-    params = [p for _, p in named]
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr)
-    else:
-        opt = pyro.optim.clipped_adam.ClippedAdam(params, lr=cfg.lr, clip_norm=cfg.clip_norm)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
-
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    bin_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
-    if state is None:
-        st = dict(epoch=0, step=0, global_step=0, perm=None, loss_sum=0.0, metrics=[], steps=[],
-                  best_val=-math.inf, bad_epochs=0)
-    else:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        pyro.util.set_rng_state(state["rng"])
-        shuffle_gen.set_state(state["shuffle_rng"])
-        bin_gen.set_state(state["binarize_rng"])
-        st = state["loop"]
-
-    def snapshot():
-        return {"format": 1, "system": cfg.system, "config": asdict(cfg), "loop": dict(st),
-                **param_state(system), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": pyro.util.get_rng_state(),
-                "shuffle_rng": shuffle_gen.get_state(), "binarize_rng": bin_gen.get_state()}
-
-    written: dict = {}
-
-    def save(extra_name: Optional[str] = None):
-        snap = snapshot()
-        atomic_save(snap, ckpt_path)
-        _write_tables(out, st["metrics"], st["steps"], written)
-        if extra_name:
-            atomic_save(snap, out / extra_name)
-
-    if state is None:
-        save("epoch_0.pt" if 0 in cfg.keep_epochs else None)
-
-    step_metrics = getattr(system, "step_metrics", None)
-    stop = {"flag": False}
-    handler_installed = False
-    try:
-        old = signal.signal(signal.SIGINT, lambda *_: stop.__setitem__("flag", True))
-        handler_installed = True
-    except ValueError:  # not the main thread
-        old = None
-
-    from tqdm import tqdm
-
-    batches = (n + cfg.batch_size - 1) // cfg.batch_size
-    stopped_early = False
-    steps_this_call = 0
-    try:
-        while st["epoch"] < cfg.epochs:
-            t0 = time.perf_counter()
-            if st["perm"] is None:
-                st["perm"] = torch.randperm(n, generator=shuffle_gen)
-                st["loss_sum"] = 0.0
-            bar = tqdm(total=batches, initial=st["step"], disable=progress is False or None,
-                       desc=f"{cfg.system} epoch {st['epoch'] + 1}/{cfg.epochs}", leave=False)
-            system.train()
-            while st["step"] < batches:
-                if stop["flag"] or (stop_after_steps is not None and steps_this_call >= stop_after_steps):
-                    save()
-                    raise Interrupted(
-                        f"interrupted at epoch {st['epoch'] + 1}, step {st['step']}; state saved to "
-                        f"{ckpt_path}; continue with --resume --out {out}"
-                    )
-                idx = st["perm"][st["step"] * cfg.batch_size : (st["step"] + 1) * cfg.batch_size]
-                rng_before = pyro.util.get_rng_state()
-                args = train_set.batch(idx.to(device), bin_gen)
-                with warnings.catch_warnings():  # a non-finite loss is reported below, once
-                    warnings.filterwarnings("ignore", message="Encountered NaN")
-                    loss = objective(system.model, system.guide, args, n)
-                value = loss.item()
-                if not math.isfinite(value):
-                    pyro.util.set_rng_state(rng_before)
-                    where = _find_bad_site(system, args, n)
-                    raise Diverged(
-                        f"non-finite loss ({value}) at epoch {st['epoch'] + 1}, step {st['step']} "
-                        f"(global step {st['global_step']}), {where}; the last good checkpoint is {ckpt_path}"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                per_point = -value / n
-                st["loss_sum"] += per_point * len(idx)
-                row = (st["global_step"], st["epoch"] + 1, per_point)
-                if step_metrics is not None:  # the system's own per-step diagnostics
-                    with torch.no_grad():
-                        row = row + (step_metrics(*args),)
-                st["steps"].append(row)
-                st["step"] += 1
-                st["global_step"] += 1
-                steps_this_call += 1
-                bar.update(1)
-                bar.set_postfix_str(f"elbo {per_point:.2f} nats/pt")
-            bar.close()
-            system.eval()
-            with forked_rng(cfg.seed + 7919 * (st["epoch"] + 1)):
-                val = full_data_elbo(system, valid_set, max(cfg.batch_size, 500)) if len(valid_set) else float("nan")
-            lr = opt.param_groups[0]["lr"]
-            sched.step()
-            st["metrics"].append(dict(epoch=st["epoch"] + 1, train_elbo=st["loss_sum"] / n, val_elbo=val,
-                                      seconds=round(time.perf_counter() - t0, 3), lr=lr))
-            st["epoch"] += 1
-            st["step"], st["perm"] = 0, None
-            if progress is not False:
-                m = st["metrics"][-1]
-                print(f"epoch {m['epoch']}: train ELBO {m['train_elbo']:.3f}, "
-                      f"validation ELBO {m['val_elbo']:.3f} nats/pt, {m['seconds']:.1f} s", flush=True)
-            improved = val > st["best_val"]
-            if improved:
-                st["best_val"], st["bad_epochs"] = val, 0
-            else:
-                st["bad_epochs"] += 1
-            save(f"epoch_{st['epoch']}.pt" if st["epoch"] in cfg.keep_epochs else None)
-            if improved or not math.isfinite(val):
-                atomic_save(param_state(system) | {"system": cfg.system, "config": asdict(cfg),
-                                                    "epoch": st["epoch"]}, out / BEST)
-            if cfg.patience is not None and st["bad_epochs"] >= cfg.patience:
-                stopped_early = st["stopped_early"] = True
-                save()
-                break
-    finally:
-        if handler_installed:
-            signal.signal(signal.SIGINT, old)
-    return RunResult(out, st["metrics"], st["steps"], stopped_early)
+    return Trainer(cfg, out, resume, progress).run(stop_after_steps)
 
 
 def train_if_missing(cfg: RunConfig, out, progress: Optional[bool] = False) -> Path:

@@ -51,6 +51,14 @@ class System:
     system_options: list = field(default_factory=list)  # (flag, kwargs, default)
     data_options: list = field(default_factory=list)
     resolve_data: Callable = dict  # (given data_args: dict) -> the full, recorded data_args
+    #: The batch contract: the model's and guide's positional arguments, by the name of the
+    #: data field that holds each (``inference.data.Split``: ``x``, ``y``); batches yield
+    #: exactly these, in this order, and the runner adds ``data_size=N`` as a keyword.
+    inputs: tuple = ("x",)
+
+    def model_inputs(self, split, idx=None, generator=None) -> tuple:
+        """The model's positional arguments for ``split`` (datapoints ``idx``, or all)."""
+        return split.batch(idx, generator, self.inputs)
 
     def build(self, cfg):
         return self.build_model(dict(cfg.system_args))
@@ -122,6 +130,7 @@ SYSTEMS = {
         ],
         data_options=_IMAGE_DATA,
         resolve_data=_resolve_images,
+        inputs=("x",),
     ),
 }
 
@@ -182,6 +191,7 @@ SYSTEMS["hetero"] = System(
          None),
     ],
     resolve_data=_resolve_regression,
+    inputs=("x", "y"),
 )
 
 
@@ -270,6 +280,7 @@ SYSTEMS["dirichlet"] = DataAwareSystem(
         ("--data-seed", dict(type=int, help="seed of the data draws (default 0)"), 0),
     ],
     resolve_data=lambda args: _resolve_symbol_data(args, _DIRICHLET_DATA),
+    inputs=("x", "y"),  # symbols and the sequence each belongs to
 )
 
 SYSTEMS["meta"] = DataAwareSystem(
@@ -297,6 +308,7 @@ SYSTEMS["meta"] = DataAwareSystem(
         ("--data-seed", dict(type=int, help="seed of the data draws (default 0)"), 0),
     ],
     resolve_data=lambda args: _resolve_symbol_data(args, _META_DATA),
+    inputs=("x",),
 )
 
 
@@ -320,6 +332,7 @@ SYSTEMS["cvae"] = System(
     system_options=SYSTEMS["vae"].system_options,
     data_options=_IMAGE_DATA,
     resolve_data=_resolve_images,
+    inputs=("x", "y"),  # images and their labels (the covariate)
 )
 
 
@@ -343,6 +356,7 @@ SYSTEMS["pixelrnn"] = System(
     ],
     data_options=_IMAGE_DATA,
     resolve_data=_resolve_images,
+    inputs=("x",),
 )
 
 

@@ -66,13 +66,13 @@ class VAE(nn.Module):
         """Bernoulli logits of the pixels, ``(..., 784)``."""
         return self.decoder(z)
 
-    def check_data(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
+    def check_data(self, x: torch.Tensor) -> None:
         """Every image 0/1, once for a whole data set (the model checks each batch only while
         Pyro's validation is on: the runner's first step, and any direct call)."""
         check_binary(x)
 
-    def model(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, data_size=None):
-        """p(z) p(x | z); ``y`` (labels) is accepted and ignored."""
+    def model(self, x: torch.Tensor, data_size=None):
+        """p(z) p(x | z)."""
         pyro.module("decoder", self.decoder)
         if x.dim() != 2 or x.shape[-1] != self.x_dim:
             raise GenlabError(f"images must be a (N, {self.x_dim}) batch, got shape {tuple(x.shape)}")
@@ -88,7 +88,7 @@ class VAE(nn.Module):
             logits = self.decode(z)
             pyro.sample("x", dist.Bernoulli(logits=logits, validate_args=False).to_event(1), obs=x)
 
-    def guide(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, data_size=None):
+    def guide(self, x: torch.Tensor, data_size=None):
         """q(z | x), amortized by the encoder."""
         pyro.module("encoder", self.encoder)
         with data_plate(x.shape[0], data_size):

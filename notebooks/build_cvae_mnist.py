@@ -33,8 +33,9 @@ import torch
 from IPython.display import Image, display
 
 from inference.runner import RunConfig, read_metrics, train_if_missing
-from evaluation.cli import evaluate_run, format_table, load_run
-from evaluation.estimator import estimate_log_marginal
+from evaluation.api import evaluate, load_run
+from evaluation.cli import format_table
+from inference.importance import estimate_log_marginal
 from evaluation.plotting import save
 from evaluation.reports import cvae as R
 from models.cvae import CVAE
@@ -82,7 +83,8 @@ cells.append(md("""
 """))
 
 cells.append(code(r"""
-est, summary, cfg, cvae, data = evaluate_run(cvae_dir, [1, 10, K], "test", N_TEST, seed=0, data_dir=DATA)
+_ev = evaluate(cvae_dir, [1, 10, K], "test", N_TEST, seed=0, data_dir=DATA)
+est, summary, cfg, cvae, data = _ev.estimate, _ev.summary, _ev.config, _ev.system, _ev.data
 print(format_table(summary, cfg))
 x, y = data.test.x[:N_TEST].cpu(), data.test.y[:N_TEST].cpu()
 from evaluation.reports.vae import loglik_by_digit_figure

@@ -21,7 +21,7 @@ import torch
 from IPython.display import Image, display
 
 from inference.runner import RunConfig, train_if_missing
-from evaluation.cli import load_run
+from evaluation.api import load_run
 from evaluation.reports import dirichlet as dreport, meta as mreport
 
 torch.set_num_threads(1)

@@ -31,7 +31,7 @@ import torch
 from IPython.display import Image, Markdown, display
 
 from inference.runner import train_if_missing
-from evaluation.cli import load_run
+from evaluation.api import load_run
 from evaluation.reports import hetero as rep
 
 torch.set_num_threads(1)

@@ -28,7 +28,7 @@ input pixel → GRU(32) → ReLU → FC(64) → ReLU → FC(1), trained by maxim
 model with an empty guide) with Adam 1e-3, batch 256, on Larochelle's binarized MNIST. Because
 the product is exact, so is $\log p(x)$: no bound, no sampling.
 
-Everything here calls the library (`inference.runner.train`, `evaluation.cli.evaluate`,
+Everything here calls the library (`inference.runner.train`, `evaluation.api.evaluate`,
 `evaluation.reports.pixelrnn`, `evaluation.inpainting`). With `GENLAB_SMOKE=1` it runs on tiny
 settings (the test suite does this); the committed copy was executed on the real runs.
 """)
@@ -42,7 +42,8 @@ import pandas as pd
 from IPython.display import Image, display
 
 from inference.runner import RunConfig, read_metrics, train_if_missing
-from evaluation.cli import evaluate_run, format_table
+from evaluation.api import evaluate
+from evaluation.cli import format_table
 from evaluation.reports import pixelrnn as R
 
 SMOKE = os.environ.get("GENLAB_SMOKE") == "1"
@@ -106,7 +107,8 @@ below; this notebook calls the same function and reads its numbers.
 """)
 
 code(r"""
-est, summary, cfg, system, data = evaluate_run(run, [1], "test", Opts.limit, seed=0, data_dir=DATA)
+_ev = evaluate(run, [1], "test", Opts.limit, seed=0, data_dir=DATA)
+est, summary, cfg, system, data = _ev.estimate, _ev.summary, _ev.config, _ev.system, _ev.data
 print(format_table(summary, cfg))
 paths = R.report(run, cfg, system, data, est, Opts)
 rep = json.loads((run / "pixelrnn_report.json").read_text())

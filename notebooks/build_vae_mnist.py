@@ -14,7 +14,7 @@ and the guide $q_\phi(z\mid x) = \mathcal N(\mu_\phi(x), \text{diag}\,\sigma_\ph
 There are **two sources of randomness**: the latent $z$, and the Bernoulli pixels given $z$.
 Every figure below says which one it shows.
 
-Everything here calls the library (`inference.runner.train`, `evaluation.cli.evaluate`,
+Everything here calls the library (`inference.runner.train`, `evaluation.api.evaluate`,
 `evaluation.reports.vae`); nothing is re-implemented. With `GENLAB_SMOKE=1` the notebook runs
 on tiny settings (the test suite does this); the committed copy was executed on real runs.
 """))
@@ -28,8 +28,9 @@ import pandas as pd
 from IPython.display import Image, display
 
 from inference.runner import RunConfig, read_metrics, train_if_missing
-from evaluation.cli import evaluate, evaluate_run, load_run, format_table
-from evaluation.estimator import estimate_log_marginal
+from evaluation.api import evaluate, load_run
+from evaluation.cli import format_table
+from inference.importance import estimate_log_marginal
 from evaluation.plotting import save
 from evaluation.reports import vae as R
 
@@ -97,7 +98,8 @@ weights we already trained; more samples in training are not needed for that.
 cells.append(code(r"""
 ests = {}
 for name, path in runs.items():
-    est, summary, cfg = evaluate(path, KS, "test", N_TEST, seed=0, data_dir=DATA)
+    _ev = evaluate(path, KS, "test", N_TEST, seed=0, data_dir=DATA)
+    est, summary, cfg = _ev.estimate, _ev.summary, _ev.config
     ests[name] = est
     print(format_table(summary, cfg), "\n")
 """))
@@ -161,7 +163,8 @@ good as d = 20 with fewer of its units active.
 
 cells.append(code(r"""
 runs["d=50"] = ensure_run("vae-d50")
-est50, s50, cfg50 = evaluate(runs["d=50"], KS, "test", N_TEST, seed=0, data_dir=DATA)
+_ev = evaluate(runs["d=50"], KS, "test", N_TEST, seed=0, data_dir=DATA)
+est50, s50, cfg50 = _ev.estimate, _ev.summary, _ev.config
 ests["d=50"] = est50
 rows = []
 for name, path in runs.items():
@@ -194,8 +197,10 @@ rows = []
 for which in ("pca-top", "pca-bottom"):
     path = ensure_run(f"vae-d20-{which}", epochs=1 if SMOKE else 30, holdout=which)
     n_hold = N_TEST if SMOKE else 1000
-    e_hold, s_hold, _, v, d = evaluate_run(path, KS, "holdout", n_hold, seed=0, data_dir=DATA)
-    e_test, s_test, _ = evaluate(path, KS, "test", N_TEST, seed=0, data_dir=DATA)
+    _ev = evaluate(path, KS, "holdout", n_hold, seed=0, data_dir=DATA)
+    e_hold, s_hold, v, d = _ev.estimate, _ev.summary, _ev.system, _ev.data
+    _ev = evaluate(path, KS, "test", N_TEST, seed=0, data_dir=DATA)
+    e_test, s_test = _ev.estimate, _ev.summary
     # the same extreme images under the d=20 model that saw them in training
     hold_x = d.split("holdout").x[:n_hold]
     e_seen = estimate_log_marginal(vae20.model, vae20.guide, hold_x, num_samples=K)

@@ -62,7 +62,7 @@ def test_classifier_obeys_bayes_rule():
 def test_per_label_loglik_is_the_estimator_per_label():
     m = CVAE(latent_dim=2, hidden=(8,))
     x = torch.bernoulli(torch.full((4, 784), 0.2))
-    from evaluation.estimator import estimate_log_marginal
+    from inference.importance import estimate_log_marginal
 
     pyro.set_rng_seed(0)
     ll = R.per_label_loglik(m, x, num_samples=3)

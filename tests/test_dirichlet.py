@@ -37,7 +37,7 @@ def test_batched_system_sums_sequence_evidences_and_counts():
     post = system.exact_posterior(x, seq)
     for s in range(4):
         assert torch.equal(post[s], torch.tensor(ALPHA) + dirichlet.counts(x[seq == s], 3))
-    from evaluation.estimator import estimate_log_marginal
+    from inference.importance import estimate_log_marginal
 
     pyro.set_rng_seed(0)
     est = estimate_log_marginal(system.model, system.guide, x, seq, num_samples=50)
@@ -58,7 +58,7 @@ def test_svi_through_the_runner_finds_the_posterior(tmp_path):
                     test_symbols=5, data_seed=1), epochs=60, batch_size=8, lr=0.3, lr_decay=0.93,
                     k=32, seed=0)
     train(cfg, tmp_path / "run", progress=False)
-    from evaluation.cli import load_run
+    from evaluation.api import load_run
     from evaluation.reports.dirichlet import use_final_state
 
     cfg, system, data = load_run(tmp_path / "run")

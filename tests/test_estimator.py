@@ -23,7 +23,7 @@ import pytest
 import torch
 from pyro import poutine
 
-from evaluation.estimator import estimate_log_marginal, log_weights, probe
+from inference.importance import estimate_log_marginal, log_weights, probe
 from models import dirichlet
 from models.common import GenlabError
 from models.vae import VAE

@@ -8,9 +8,9 @@ import pyro
 import pytest
 import torch
 
-from evaluation.estimator import estimate_log_marginal
 from evaluation.metrics import central_coverage, pit_histogram
 from inference.data import load_xy_csv, make_wiggles, wiggles_mean, wiggles_noise_scale
+from inference.importance import estimate_log_marginal
 from models.common import GenlabError
 from models.hetero import STEP_COLUMNS, HeteroRegression, build_hetero
 

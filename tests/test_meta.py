@@ -89,9 +89,9 @@ def test_training_is_deterministic_and_lowers_the_loss(tmp_path):
 
     a = train(cfg(), tmp_path / "a", progress=False)
     b = train(cfg(), tmp_path / "b", progress=False)
-    assert [r[2] for r in a.steps] == [r[2] for r in b.steps]
+    assert [r.train_elbo for r in a.steps] == [r.train_elbo for r in b.steps]
     assert a.metrics[-1]["val_elbo"] > a.metrics[0]["val_elbo"]
-    assert set(a.steps[0][3]) == {"ce_per_step", "accuracy"}
+    assert set(a.steps[0].extra) == {"ce_per_step", "accuracy"}
 
 
 @pytest.mark.parametrize("call, message", [

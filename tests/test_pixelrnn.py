@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from evaluation import inpainting as IP
-from evaluation.estimator import estimate_log_marginal
+from inference.importance import estimate_log_marginal
 from models.common import GenlabError
 from models.pixelrnn import PixelGRU, check_horizon, completion_scores
 from models.vae import VAE
@@ -252,8 +252,8 @@ def test_training_through_the_runner_records_pixel_metrics(tmp_path, data_dir):
     assert (tmp_path / "run" / "epoch_0.pt").exists() and (tmp_path / "run" / "epoch_1.pt").exists()
     header = (tmp_path / "run" / "steps.csv").read_text().splitlines()[0].split(",")
     assert header == ["step", "epoch", "train_elbo", "pixel_acc", "pixel_ce"]
-    for _, _, elbo, extra in res.steps:  # the objective is the exact log-likelihood per image
-        assert elbo == pytest.approx(-784 * extra["pixel_ce"], rel=1e-4)
+    for row in res.steps:  # the objective is the exact log-likelihood per image
+        assert row.train_elbo == pytest.approx(-784 * row.extra["pixel_ce"], rel=1e-4)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["system"] == "pixelrnn"
 
 

@@ -117,7 +117,7 @@ def test_iwae_training_objective_is_per_datapoint_and_unscaled(data_dir):
     """The runner's IWAE loss on a full batch equals -sum_i log mean_k w_ik (no N/B inside)."""
     import pyro
 
-    from evaluation.estimator import log_weights, probe
+    from inference.importance import log_weights, probe
     from inference.runner import Objective
     from models.vae import VAE
 

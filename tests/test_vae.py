@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.cli import load_run
+from evaluation.api import load_run
 from evaluation.cli import main as eval_main
 from evaluation.reports import vae as R
 from inference.cli import main as train_main

@@ -18,9 +18,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from evaluation.estimator import estimate_log_marginal
 from evaluation.plotting import image_rows, run_title, save
 from evaluation.reports.vae import loglik_by_digit_figure
+from inference.importance import estimate_log_marginal
 from models.common import GenlabError
 from models.cvae import NUM_CLASSES
 
@@ -148,7 +148,7 @@ def report(run_dir, cfg, system, data, est, options) -> list:
                       "classifier_confidently_wrong"))
     baseline = getattr(options, "baseline", None)
     if baseline:
-        from evaluation.cli import load_run
+        from evaluation.api import load_run
 
         _, vae, _ = load_run(baseline, options.data_dir, "cpu", expect_system="vae")
         if vae.latent_dim != cvae.latent_dim:

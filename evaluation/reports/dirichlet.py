@@ -32,9 +32,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from evaluation.estimator import _import_arviz, estimate_log_marginal
 from evaluation.metrics import rank_uniformity, sbc_ranks
 from evaluation.plotting import plt, run_title, save
+from inference.importance import _import_arviz, estimate_log_marginal
 from models import dirichlet
 
 #: SVI settings of the SBC fits and the documented ``dirichlet`` runs (see
@@ -100,7 +100,7 @@ def sbc(alpha, replications: int = 200, symbols: int = 20, draws: int = 99, bins
     fitted at once by one runner run of the batched system (``out``, default a temporary
     folder; reused when it already holds the run).  ``draws`` posterior draws per replication.
     """
-    from evaluation.cli import load_run
+    from evaluation.api import load_run
     from inference.runner import train
 
     alpha = dirichlet.check_alpha(alpha)

@@ -467,7 +467,7 @@ def report(run_dir, cfg, system, data, estimate, options) -> list:
 
 def compare(run_dirs, options) -> list:
     """All runs superimposed on shared axes, and the remedies table (.md, .json)."""
-    from evaluation.cli import load_run
+    from evaluation.api import load_run
 
     runs, runs_steps, runs_ho, rows = [], [], [], []
     split = getattr(options, "split", "test") or "test"

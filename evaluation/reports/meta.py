@@ -240,7 +240,7 @@ def report(run_dir, cfg, system, data, estimate, options) -> list:
 
 
 def compare(run_dirs, options) -> list:
-    from evaluation.cli import load_run
+    from evaluation.api import load_run
 
     evs = []
     for d in run_dirs:

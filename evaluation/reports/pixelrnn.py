@@ -143,8 +143,8 @@ def bounds_table(system, x: torch.Tensor, vae_run, num_samples: int = 1000, seed
     """Per-image GRU exact log p(x), VAE ELBO and VAE IWAE (K = ``num_samples``) on ``x``."""
     import pyro
 
-    from evaluation.cli import load_run
-    from evaluation.estimator import estimate_log_marginal
+    from evaluation.api import load_run
+    from inference.importance import estimate_log_marginal
 
     vcfg, vae, _ = load_run(vae_run, data_dir, expect_system="vae")
     gru_lp = pixel_metrics(system, x)["log_prob"]
@@ -491,7 +491,7 @@ def report(run_dir, cfg, system, data, estimate, options) -> list:
 
 def compare(run_dirs, options) -> list:
     """Exact test NLL of each run's kept checkpoints on the same test images, one figure."""
-    from evaluation.cli import load_run
+    from evaluation.api import load_run
 
     rows, first_cfg = {}, None
     for d in run_dirs:

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from evaluation.api import evaluate
 from evaluation.plotting import image_rows, run_title, save
 from models.common import GenlabError
 
@@ -248,17 +249,14 @@ def report(run_dir, cfg, system, data, est, options) -> list:
 def compare(run_dirs, options) -> list:
     """Per-image log-likelihood of run A against run B on the same images, where each wins
     most, and both runs' generated images on one figure."""
-    from evaluation.cli import evaluate_run
-
     if len(run_dirs) != 2:
         raise GenlabError("the VAE comparison takes exactly two runs")
     runs = []
     for d in run_dirs:
-        est, _, cfg, system, data = evaluate_run(d, options.k, options.split, options.limit,
-                                                 options.seed, options.memory_gb,
-                                                 options.data_dir, "cpu", None,
-                                                 getattr(options, "spread", False))
-        runs.append((d, cfg, system, data, est))
+        ev = evaluate(d, options.k, options.split, options.limit, options.seed,
+                      options.memory_gb, options.data_dir, "cpu", None,
+                      getattr(options, "spread", False))
+        runs.append((d, ev.config, ev.system, ev.data, ev.estimate))
     (da, ca, va, data, ea), (db, cb, vb, _, eb) = runs
     if ea.n != eb.n:
         raise GenlabError("the two runs were evaluated on different numbers of images")

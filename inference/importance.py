@@ -26,9 +26,10 @@ model) and ignores ``scale``.  Guides with enumerated sites are refused.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import pyro
@@ -36,6 +37,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
+from tqdm import tqdm
 
 from models.common import GenlabError
 
@@ -86,6 +88,7 @@ class Structure:
     outside: list = field(default_factory=list)
     scaled: list = field(default_factory=list)
     bytes_per_unit: float = 0.0  # per datapoint (per-datapoint mode) or per call (joint)
+    data_size: Optional[int] = None  # the data plate's full size N (its subsample may be smaller)
 
     def summed(self, data_plate: str) -> str:
         if self.per_datapoint:
@@ -110,7 +113,7 @@ def probe(model, guide, args, kwargs, data_plate: str = "data", n_data: Optional
     """Run guide and model once (no particles) and check they can be importance-weighted."""
     with torch.no_grad():
         model_tr, guide_tr = _traces(model, guide, args, kwargs)
-    nest, outside, scaled, nbytes = 0, [], [], 0
+    nest, outside, scaled, nbytes, full = 0, [], [], 0, None
     guide_names = set()
     for name, site in _sample_sites(guide_tr):
         guide_names.add(name)
@@ -147,9 +150,13 @@ def probe(model, guide, args, kwargs, data_plate: str = "data", n_data: Optional
                 scaled.append(name)
             nbytes += site["value"].numel() * site["value"].element_size()
             nbytes += _dist_bytes(site["fn"])
+    # the plate's full size N: its subsample site's distribution knows it (frames hold B only)
+    sub = model_tr.nodes.get(data_plate)
+    if sub is not None and site_is_subsample(sub):
+        full = int(sub["fn"].size)
     per = not outside
     unit = nbytes / n_data if (per and n_data) else nbytes
-    return Structure(nest, per, outside, sorted(set(scaled)), unit)
+    return Structure(nest, per, outside, sorted(set(scaled)), unit, full)
 
 
 def log_weights(
@@ -207,7 +214,17 @@ def _khat(lw: np.ndarray) -> np.ndarray:
     return out
 
 
-def weight_stats(lw: torch.Tensor, ks: Sequence[int]):
+class WeightStats(NamedTuple):
+    """Per-datapoint statistics of float64 log weights ``(K, n)`` (tensors except ``khat``)."""
+
+    log_marginal: torch.Tensor  # IWAE at K: log-mean-exp of all K weights, (n,)
+    elbo: torch.Tensor  # mean log weight, (n,)
+    iwae: dict  # k -> (n,) mean over K // k groups of log-mean-exp of k weights
+    khat: np.ndarray  # Pareto k-hat, (n,); -1 where all weights are equal
+    ess: torch.Tensor  # effective sample size, (n,)
+
+
+def weight_stats(lw: torch.Tensor, ks: Sequence[int]) -> WeightStats:
     """From float64 log weights ``(K, n)``: IWAE at K, ELBO, IWAE at each k, k-hat, ESS."""
     K = lw.shape[0]
     lse = torch.logsumexp(lw, 0)
@@ -223,7 +240,7 @@ def weight_stats(lw: torch.Tensor, ks: Sequence[int]):
     khat = _khat(lw_np)
     flat = khat == -1.0
     ess[torch.from_numpy(flat).to(ess.device)] = float(K)
-    return log_marginal, elbo, iwae, khat, ess
+    return WeightStats(log_marginal, elbo, iwae, khat, ess)
 
 
 @dataclass
@@ -266,7 +283,6 @@ class Estimate:
 
     def save(self, path) -> None:
         """Per-datapoint values as ``.npz`` (``iwae_<k>`` arrays), written atomically."""
-        import os
 
         arrays = dict(log_marginal=self.log_marginal, elbo=self.elbo, khat=self.khat,
                       ess=self.ess, num_samples=np.array(self.num_samples))
@@ -330,8 +346,6 @@ def estimate_log_marginal(
     nb = min(n_all, max(1, cells // kb), max(1, int(memory // (8 * 4 * K)))) if split else 1
     chunks = range(0, n_all, nb) if split else [0]
 
-    from tqdm import tqdm
-
     outs = []
     bar = tqdm(total=len(chunks), desc=f"IWAE K={K}", unit="chunk", leave=False,
                disable=None if progress else True)
@@ -349,9 +363,9 @@ def estimate_log_marginal(
             outs.append(weight_stats(torch.cat(parts, 0), ks))
             bar.update(1)
     bar.close()
-    log_marginal = torch.cat([o[0] for o in outs]).cpu().numpy()
-    elbo = torch.cat([o[1] for o in outs]).cpu().numpy()
-    iwae = {k: torch.cat([o[2][k] for o in outs]).cpu().numpy() for k in ks}
-    khat = np.concatenate([o[3] for o in outs])
-    ess = torch.cat([o[4] for o in outs]).cpu().numpy()
+    log_marginal = torch.cat([o.log_marginal for o in outs]).cpu().numpy()
+    elbo = torch.cat([o.elbo for o in outs]).cpu().numpy()
+    iwae = {k: torch.cat([o.iwae[k] for o in outs]).cpu().numpy() for k in ks}
+    khat = np.concatenate([o.khat for o in outs])
+    ess = torch.cat([o.ess for o in outs]).cpu().numpy()
     return Estimate(log_marginal, elbo, iwae, khat, ess, K, per, st.summed(data_plate), st.scaled)

@@ -1,0 +1,153 @@
+"""The evaluation library: load a run, estimate log p(x) on a split, describe a run.
+
+The command line (:mod:`evaluation.cli`), the reports and the notebooks all call these; none
+of them imports the command line.
+
+* :func:`load_run` -> :class:`LoadedRun` (config, system with trained parameters, data set,
+  the checkpoint file used and its epoch);
+* :func:`evaluate` -> :class:`Evaluation` (the loaded run, the evaluated subset, the
+  importance-sampling estimate and its summary), saved as ``eval_<split>.npz``/``.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pyro
+
+from inference.data import Dataset, Split
+from inference.importance import Estimate, estimate_log_marginal
+from inference.runner import BEST, CHECKPOINT, RunConfig, load_checkpoint, restore_params
+from inference.systems import get_system
+from models.common import GenlabError
+
+
+@dataclass
+class LoadedRun:
+    """A run directory's config, its system with trained parameters, and its data set."""
+
+    config: RunConfig
+    system: object  # nn.Module with .model and .guide
+    data: Dataset
+    checkpoint: Path  # the checkpoint file whose parameters were loaded
+    epoch: Optional[int]  # the epoch that checkpoint holds
+
+    def __iter__(self):  # ``cfg, system, data = load_run(...)``
+        return iter((self.config, self.system, self.data))
+
+
+def read_config(run_dir) -> RunConfig:
+    """The run's ``config.json`` as a :class:`RunConfig`, or one clear sentence why not."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise GenlabError(f"{run_dir} is not a run directory (no config.json)")
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
+        raise GenlabError(f"{path} is damaged and cannot be read ({type(e).__name__}); "
+                          "restore it from the checkpoint with the run's options") from None
+
+
+def checkpoint_path(run_dir, cfg: RunConfig, checkpoint: Optional[str] = None) -> Path:
+    """The file :func:`load_run` reads: ``checkpoint`` if given, else ``best.pt`` for runs
+    trained with early stopping (``--patience``), else the latest ``checkpoint.pt``."""
+    run_dir = Path(run_dir)
+    if checkpoint:
+        ckpt = run_dir / checkpoint
+        if not ckpt.exists():
+            have = ", ".join(sorted(p.name for p in run_dir.glob("*.pt")))
+            raise GenlabError(f"{run_dir} has no checkpoint {checkpoint!r} (it has {have})")
+        return ckpt
+    if cfg.patience is not None and (run_dir / BEST).exists():
+        return run_dir / BEST
+    return run_dir / CHECKPOINT
+
+
+def load_run(run_dir, data_dir=None, device=None, expect_system=None, checkpoint=None) -> LoadedRun:
+    """A run directory's config, system with trained parameters, data set and checkpoint.
+
+    ``checkpoint`` names a file in the run directory (e.g. ``epoch_5.pt``); by default the
+    latest ``checkpoint.pt``, or ``best.pt`` (the best validation ELBO) for runs trained with
+    early stopping (``--patience``).  Unpacks as ``cfg, system, data = load_run(...)``.
+    """
+    cfg = read_config(run_dir)
+    if expect_system is not None and cfg.system != expect_system:
+        raise GenlabError(f"{run_dir} holds a {cfg.system!r} run, not {expect_system!r}")
+    if data_dir:
+        cfg.data_dir = data_dir
+    if device:
+        cfg.device = device
+    spec = get_system(cfg.system)
+    ckpt = checkpoint_path(run_dir, cfg, checkpoint)
+    state = load_checkpoint(ckpt)
+    if state.get("system") != cfg.system:
+        raise GenlabError(f"checkpoint {ckpt} is from a {state.get('system')!r} run, not {cfg.system!r}")
+    system = spec.build(cfg)
+    restore_params(system, state)
+    system.to(cfg.device).eval()
+    data = spec.load_data(cfg).to(cfg.device)
+    epoch = state["loop"]["epoch"] if "loop" in state else state.get("epoch")
+    return LoadedRun(cfg, system, data, ckpt, epoch)
+
+
+@dataclass
+class Evaluation:
+    """One evaluation of a run: what was loaded, which datapoints, and what was estimated."""
+
+    run: LoadedRun
+    split: str
+    part: Split  # the evaluated datapoints
+    estimate: Estimate
+    summary: dict
+
+    @property
+    def config(self) -> RunConfig:
+        return self.run.config
+
+    @property
+    def system(self):
+        return self.run.system
+
+    @property
+    def data(self) -> Dataset:
+        return self.run.data
+
+
+def evaluate(run_dir, ks: Sequence[int], split="test", limit=None, seed=0, memory_gb=1.0,
+             data_dir=None, device=None, checkpoint=None, spread=False) -> Evaluation:
+    """Estimate every datapoint of ``split`` (or ``--limit`` of them) by importance sampling
+    with the run's guide; saves ``eval_<split>.npz``/``.json`` in the run directory."""
+    if limit is not None and limit < 1:
+        raise GenlabError(f"--limit must be a positive integer, got {limit}")
+    if memory_gb <= 0:
+        raise GenlabError(f"--memory-gb must be positive, got {memory_gb}")
+    run = load_run(run_dir, data_dir, device, checkpoint=checkpoint)
+    cfg, system, data = run
+    part = data.split(split)
+    if limit is not None:
+        part = part.subset(limit, spread)
+    inputs = get_system(cfg.system).model_inputs(part)
+    if hasattr(system, "check_data"):  # e.g. 0/1 pixels for a Bernoulli likelihood
+        system.check_data(*inputs)
+    pyro.set_rng_seed(seed)
+    est = estimate_log_marginal(system.model, system.guide, *inputs, num_samples=max(ks),
+                                ks=ks, memory=int(memory_gb * (1 << 30)), progress=True)
+    summary = est.summary() | {"split": split, "run": str(run_dir), "system": cfg.system,
+                               "seed": seed}
+    stem = f"eval_{split}" + (f"_{Path(checkpoint).stem}" if checkpoint else "")
+    summary["checkpoint"] = run.checkpoint.name
+    summary["checkpoint_epoch"] = run.epoch
+    est.save(Path(run_dir) / f"{stem}.npz")
+    (Path(run_dir) / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return Evaluation(run, split, part, est, summary)
+
+
+def describe(cfg: RunConfig) -> str:
+    """One line naming the run: system, its architecture, data and binarization."""
+    arch = ", ".join(f"{k}={v}" for k, v in cfg.system_args.items() if v is not None)
+    data = ", ".join(f"{k}={v}" for k, v in cfg.data_args.items() if v is not None)
+    return f"{cfg.system} ({arch}) on {data}, loss {cfg.loss} k={cfg.k}"
