@@ -13,29 +13,54 @@ the log weights are :math:`\log w_k = \log p(x, z_k) - \log q(z_k \mid x)` and
 How the code decides what a "datapoint" is: when every sample site of the model and the guide
 lies inside ``pyro.plate(data_plate)``, the weights factorize over the plate and the estimate is
 per datapoint: log weights have shape ``(K, N)``, the particles plate sitting left of every
-model plate.  Otherwise (a global latent, or data observed under another plate) the weight is
+dimension the probe saw in a log-probability (declared plates *and* dimensions a site gets by
+broadcasting).  Otherwise (a global latent, or data observed under another plate) the weight is
 one joint weight per particle, ``(K,)``, and the result holds a single value; ``summed`` says
 which sites were summed into it.
+
+Datapoints are evaluated in chunks in one of three ways (``Structure.mode``):
+
+* ``"cut"``: tensors among the arguments (positional, and keyword tensors of the same first
+  size) whose first dimension is N are cut into chunks of rows; used when a probe on two rows
+  shows a per-datapoint pair that follows the first axis and no non-module ``pyro.param`` has a
+  dimension of size N (a per-datapoint parameter cannot be cut by the estimator);
+* ``"index"``: the data plate subsamples at random (``pyro.plate("data", N, subsample_size=b)``
+  without ``subsample=``): the arguments are passed whole and the plate's subsample is fixed to
+  consecutive blocks of b indices, so every datapoint is evaluated exactly once;
+* ``"whole"``: all datapoints at once, only the particles chunked (the plate does not follow
+  the first axis, the pair cannot run on a slice, or a guide parameter is per datapoint).
 
 Pyro stores log-probabilities multiplied by subsampling and ``poutine.scale`` factors.  A
 factor s inside :math:`\log \sum_k \exp(s \log w_k)` changes the answer, so this estimator never
 uses them: it calls each site's ``fn.log_prob`` itself (applying masks, which are part of the
-model) and ignores ``scale``.  Guides with enumerated sites are refused.
+model) and ignores ``scale``.  Guides with enumerated sites are refused, and so are point-mass
+(``Delta``) proposals, except the ``Delta`` sites by which Pyro's autoguides (``AutoNormal``,
+``AutoDiagonalNormal``, ``AutoMultivariateNormal``, ...) unpack an auxiliary latent: their
+``log_density`` is the log-Jacobian, so the guide's summed log-probability is the density of the
+model's latents.  ``pyro.deterministic`` sites carry no probability and are skipped.
+
+Trust (docs/estimator.md): k-hat < 0.5 for the raw estimate ``log_marginal``, k-hat < 0.7 for
+the Pareto-smoothed ``log_marginal_psis``; k-hat is NaN where fewer than five log weights lie
+above the Pareto tail's cutoff (weights that take few distinct values, as with a discrete
+guide, or K below about 25), -1 where all weights are equal.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from tqdm import tqdm
 
@@ -45,6 +70,16 @@ from models.common import GenlabError
 DEFAULT_MEMORY = 1 << 30
 #: Bytes of hidden activations etc. assumed per byte of site values and parameters.
 _OVERHEAD = 3
+#: Bytes held per log weight (float64 weights and their copies in the statistics).
+_BYTES_PER_WEIGHT = 32
+#: Default limit on the projected running time of one estimate, seconds (``max_seconds``).
+MAX_SECONDS = 4 * 3600.0
+#: k-hat thresholds: the raw estimate is trustworthy below the first, the smoothed below the second.
+KHAT_RAW, KHAT_PSIS = 0.5, 0.7
+
+
+class EstimatorRefusal(GenlabError):
+    """A model/guide pair (or a request) the estimator refuses, with the reason in one sentence."""
 
 
 def _import_arviz():
@@ -55,9 +90,60 @@ def _import_arviz():
     return arviz
 
 
+# ----------------------------------------------------------------------------- subsampling
+class _RandomPlate(Exception):
+    """Raised by a scouting :class:`_FixSubsample`: the data plate subsamples at random."""
+
+    def __init__(self, size: int, subsample_size: int):
+        super().__init__(size, subsample_size)
+        self.size, self.subsample_size = size, subsample_size
+
+
+class _FixSubsample(Messenger):
+    """Fixes the random subsample of plate ``name`` to the block ``start .. start + b``.
+
+    A plate with ``subsample_size=b`` and no ``subsample`` draws b random indices each run;
+    here they become consecutive indices (the block is moved left to end at N when ``start``
+    is near the end, so every block has b indices, which the plate requires).  With
+    ``scout=True`` it only reports such a plate, by raising :class:`_RandomPlate`.  A random
+    subsample of any other plate is refused: its sites would cover random datapoints.
+    """
+
+    def __init__(self, name: str, start: Optional[int] = None, scout: bool = False):
+        super().__init__()
+        self.name, self.start, self.scout = name, start, scout
+        self.block = None  # (N, b, first index) of the last fixed subsample
+
+    def _pyro_sample(self, msg):
+        fn = msg["fn"]
+        if type(fn).__name__ != "_Subsample" or msg["value"] is not None:
+            return
+        size, b = fn.size, fn.subsample_size
+        if b is None or b == size:
+            return
+        if msg["name"] != self.name:
+            if not (self.scout or self.start is not None):
+                return  # training (the IWAE loss): a random subsample is the point
+            raise EstimatorRefusal(
+                f"plate {msg['name']!r} draws a random subsample of {b} of its {size} entries, so "
+                "its sites would cover random datapoints; evaluate with subsample_size=None, or "
+                f"name it as the data plate (data_plate={msg['name']!r})"
+            )
+        if self.scout:
+            raise _RandomPlate(int(size), int(b))
+        if self.start is None:
+            return
+        first = max(0, min(int(self.start), int(size) - int(b)))
+        msg["value"] = torch.arange(first, first + int(b), device=fn.device)
+        self.block = (int(size), int(b), first)
+
+
 # ----------------------------------------------------------------------------- tracing
-def _traces(model, guide, args, kwargs, particles: Optional[int] = None, dim: int = -2):
+def _traces(model, guide, args, kwargs, particles: Optional[int] = None, dim: int = -2,
+            fix: Optional[_FixSubsample] = None):
     """(model trace, guide trace), the model replayed against the guide's draws."""
+    if fix is not None:
+        model, guide = fix(model), fix(guide)
 
     def run():
         guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -72,11 +158,25 @@ def _traces(model, guide, args, kwargs, particles: Optional[int] = None, dim: in
 
 def _sample_sites(trace):
     return [(n, s) for n, s in trace.nodes.items()
-            if s["type"] == "sample" and not site_is_subsample(s)]
+            if s["type"] == "sample" and not site_is_subsample(s)
+            and not s["infer"].get("_deterministic")]
 
 
 def _data_frame(site, data_plate: str):
     return next((f for f in site["cond_indep_stack"] if f.name == data_plate), None)
+
+
+def _point_mass(fn) -> bool:
+    """Whether ``fn`` is a Delta, possibly wrapped (Independent, masked, expanded, transformed)."""
+    while fn is not None:
+        if isinstance(fn, dist.Delta):
+            return True
+        fn = getattr(fn, "base_dist", None)
+    return False
+
+
+def _is_module_param(name: str) -> bool:
+    return "$$$" in name  # pyro.module's parameter names: "<module>$$$<parameter>"
 
 
 @dataclass
@@ -89,6 +189,10 @@ class Structure:
     scaled: list = field(default_factory=list)
     bytes_per_unit: float = 0.0  # per datapoint (per-datapoint mode) or per call (joint)
     data_size: Optional[int] = None  # the data plate's full size N (its subsample may be smaller)
+    mode: str = "whole"  # how datapoints are chunked: "cut", "index" or "whole" (module docstring)
+    subsample_size: Optional[int] = None  # b of a randomly subsampling data plate ("index")
+    params: dict = field(default_factory=dict)  # non-module pyro.param name -> shape
+    auxiliary: list = field(default_factory=list)  # the guide's auxiliary sites (autoguides)
 
     def summed(self, data_plate: str) -> str:
         if self.per_datapoint:
@@ -109,39 +213,68 @@ def _dist_bytes(d) -> int:
     return total
 
 
-def probe(model, guide, args, kwargs, data_plate: str = "data", n_data: Optional[int] = None):
-    """Run guide and model once (no particles) and check they can be importance-weighted."""
-    with torch.no_grad():
-        model_tr, guide_tr = _traces(model, guide, args, kwargs)
-    nest, outside, scaled, nbytes, full = 0, [], [], 0, None
-    guide_names = set()
-    for name, site in _sample_sites(guide_tr):
-        guide_names.add(name)
+def _check_guide_sites(guide_tr, model_tr):
+    """Refusals: enumerated or observed guide sites, point masses, unmatched sites."""
+    model_sites = dict(_sample_sites(model_tr))
+    guide_sites = _sample_sites(guide_tr)
+    aux = [n for n, s in guide_sites if s["infer"].get("is_auxiliary")]
+    for name, site in guide_sites:
         if site["infer"].get("enumerate"):
-            raise GenlabError(
+            raise EstimatorRefusal(
                 f"guide site {name!r} is enumerated; the importance-weighted estimator needs every "
                 "guide site sampled (enumerated sites cannot be weighted correctly)"
             )
         if site["is_observed"]:
-            raise GenlabError(f"guide site {name!r} is observed; guides may only sample latents")
-    for name, site in _sample_sites(model_tr):
-        if not site["is_observed"] and name not in guide_names:
-            raise GenlabError(
+            raise EstimatorRefusal(f"guide site {name!r} is observed; guides may only sample latents")
+        if name in aux:
+            continue
+        if name not in model_sites:
+            raise EstimatorRefusal(f"guide site {name!r} has no counterpart in the model")
+        if _point_mass(site["fn"]) and not aux:
+            if model_sites[name]["fn"].support.is_discrete:
+                raise EstimatorRefusal(
+                    f"guide site {name!r} is a point mass (Delta) on a discrete latent, which "
+                    "proposes a single value and would report the lower bound log p(x, z0) as "
+                    "if exact; sample it from a distribution over all its values, or enumerate "
+                    "it out of the model"
+                )
+            raise EstimatorRefusal(
+                f"guide site {name!r} is a point mass (Delta, e.g. AutoDelta or a MAP guide) for "
+                "a continuous latent, which is no importance proposal (it has no density where "
+                "the posterior has mass); use a guide with a density, e.g. AutoNormal"
+            )
+    names = {n for n, _ in guide_sites}
+    for name, site in model_sites.items():
+        if not site["is_observed"] and name not in names:
+            raise EstimatorRefusal(
                 f"model site {name!r} is latent but the guide does not sample it; the importance "
                 "weights need a proposal for every latent site"
             )
-    model_names = {n for n, _ in _sample_sites(model_tr)}
-    for name in guide_names - model_names:
-        raise GenlabError(f"guide site {name!r} has no counterpart in the model")
+    return aux
+
+
+def probe(model, guide, args, kwargs, data_plate: str = "data", n_data: Optional[int] = None,
+          *, scout: bool = False, subsample_start: Optional[int] = None):
+    """Run guide and model once (no particles) and check they can be importance-weighted.
+
+    ``scout=True`` raises :class:`_RandomPlate` as soon as the data plate turns out to subsample
+    at random; ``subsample_start`` fixes such a plate's subsample (mode ``"index"``).
+    """
+    fix = _FixSubsample(data_plate, subsample_start, scout)
+    with torch.no_grad():
+        model_tr, guide_tr = _traces(model, guide, args, kwargs, fix=fix)
+    aux = _check_guide_sites(guide_tr, model_tr)
+    nest, outside, scaled, nbytes, full = 0, [], [], 0, None
     for tr in (model_tr, guide_tr):
         for name, site in _sample_sites(tr):
             nest = max(nest, len(site["fn"].batch_shape))
             nest = max(nest, *[-f.dim for f in site["cond_indep_stack"] if f.vectorized], 0)
+            # the dimensions the log-probability really has (a site may broadcast its value
+            # against data with more dimensions than its batch shape and plates declare)
+            with torch.no_grad(), pyro.validation_enabled(False):
+                nest = max(nest, site["fn"].log_prob(site["value"]).dim())
             frame = _data_frame(site, data_plate)
-            if frame is None:
-                if name not in outside:
-                    outside.append(name)
-            elif n_data is not None and frame.size != n_data and frame.subsample_size != n_data:
+            if frame is None or (n_data is not None and frame.size != n_data):
                 if name not in outside:
                     outside.append(name)
             if site["scale"] is not None and not (
@@ -150,27 +283,42 @@ def probe(model, guide, args, kwargs, data_plate: str = "data", n_data: Optional
                 scaled.append(name)
             nbytes += site["value"].numel() * site["value"].element_size()
             nbytes += _dist_bytes(site["fn"])
+    params = {}
+    for tr in (model_tr, guide_tr):
+        for name, site in tr.nodes.items():
+            if site["type"] == "param" and not _is_module_param(name):
+                params[name] = tuple(site["value"].shape)
     # the plate's full size N: its subsample site's distribution knows it (frames hold B only)
     sub = model_tr.nodes.get(data_plate)
     if sub is not None and site_is_subsample(sub):
         full = int(sub["fn"].size)
     per = not outside
     unit = nbytes / n_data if (per and n_data) else nbytes
-    return Structure(nest, per, outside, sorted(set(scaled)), unit, full)
+    st = Structure(nest, per, outside, sorted(set(scaled)), unit, full, params=params,
+                   auxiliary=aux)
+    if fix.block is not None:
+        st.mode, st.subsample_size = "index", fix.block[1]
+        if per:
+            st.bytes_per_unit = nbytes / fix.block[1]
+    return st
 
 
 def log_weights(
-    model, guide, args, kwargs, num_particles: int, structure: Structure, data_plate: str = "data"
+    model, guide, args, kwargs, num_particles: int, structure: Structure, data_plate: str = "data",
+    *, subsample_start: Optional[int] = None,
 ) -> torch.Tensor:
     """Unscaled log importance weights, ``(K, N)`` per datapoint or ``(K,)`` joint.
 
-    Differentiable when called with gradients enabled (the runner's IWAE loss uses it).
+    Differentiable when called with gradients enabled (the runner's IWAE loss uses it).  With
+    ``subsample_start`` (mode ``"index"``) a randomly subsampling data plate evaluates the
+    block of datapoints from that index on (see :class:`_FixSubsample`).
     """
     nest = structure.max_plate_nesting
     pdim = -(nest + 1)
+    fix = _FixSubsample(data_plate, subsample_start) if subsample_start is not None else None
     # the probe already ran with validation; skipping it here saves a third of the time
     with pyro.validation_enabled(False):
-        model_tr, guide_tr = _traces(model, guide, args, kwargs, num_particles, pdim)
+        model_tr, guide_tr = _traces(model, guide, args, kwargs, num_particles, pdim, fix)
     total = 0.0
     for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
         for name, site in _sample_sites(tr):
@@ -179,13 +327,23 @@ def log_weights(
             if site["mask"] is not None:
                 lp = scale_and_mask(lp, mask=site["mask"])
             if lp.dim() > nest + 1:
-                raise GenlabError(f"site {name!r} has more batch dims than the plates declare")
+                raise EstimatorRefusal(
+                    f"site {name!r} has log-probabilities of shape {tuple(lp.shape)}, with more "
+                    f"dimensions than the {nest} the probe saw, so the particles cannot be kept "
+                    "apart from its batch; declare its dimensions with pyro.plate"
+                )
             lp = lp.reshape((1,) * (nest + 1 - lp.dim()) + tuple(lp.shape))
+            if lp.shape[0] not in (1, num_particles):
+                raise EstimatorRefusal(
+                    f"site {name!r} has log-probabilities of shape {tuple(lp.shape)}, whose "
+                    f"first dimension is neither 1 nor the {num_particles} particles; declare its "
+                    "dimensions with pyro.plate"
+                )
             keep = [0]
             if structure.per_datapoint:
                 frame = _data_frame(site, data_plate)
                 if frame is None:
-                    raise GenlabError(
+                    raise EstimatorRefusal(
                         f"site {name!r} lies outside plate {data_plate!r}; per-datapoint "
                         "importance weights need every sample site inside it"
                     )
@@ -195,23 +353,40 @@ def log_weights(
                 lp = lp.sum(other)
             total = total + sign * lp
     if not torch.is_tensor(total):
-        raise GenlabError("the model and guide have no sample sites to weight")
+        raise EstimatorRefusal("the model and guide have no sample sites to weight")
     return total.expand(num_particles, *total.shape[1:]) if total.shape[0] == 1 else total
 
 
 # ----------------------------------------------------------------------------- statistics
-def _khat(lw: np.ndarray) -> np.ndarray:
-    """Pareto k-hat per row of ``lw`` ``(n, K)``; rows of (numerically) equal weights get -1."""
+def _psis(lw: np.ndarray) -> tuple:
+    """Pareto k-hat and the PSIS estimate log mean w per row of ``lw`` ``(n, K)``.
+
+    k-hat is -1 for rows of (numerically) equal weights and NaN where the Pareto fit has fewer
+    than five weights above its cutoff (arviz returns inf there and smooths nothing): weights
+    with few distinct values, as a discrete guide gives, or K below about 25.  The smoothed
+    estimate equals the raw one wherever nothing was smoothed.
+    """
     az = _import_arviz()
+    K = lw.shape[1]
     spread = lw.max(axis=1) - lw.min(axis=1)
     flat = spread <= 1e-5 * np.maximum(1.0, np.abs(lw).max(axis=1))
     out = np.full(lw.shape[0], -1.0)
+    smoothed = lw.copy()
     if (~flat).any():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, k = az.psislw(lw[~flat])
-        out[~flat] = np.asarray(k, dtype=float)
-    return out
+            slw, k = az.psislw(lw[~flat], normalize=False)
+        k = np.asarray(k, dtype=float)
+        out[~flat] = np.where(np.isinf(k), np.nan, k)
+        smoothed[~flat] = np.asarray(slw, dtype=float)
+    m = smoothed.max(axis=1, keepdims=True)
+    psis = m[:, 0] + np.log(np.exp(smoothed - m).sum(axis=1)) - math.log(K)
+    return out, psis
+
+
+def _khat(lw: np.ndarray) -> np.ndarray:
+    """Pareto k-hat per row of ``lw`` ``(n, K)`` (see :func:`_psis`)."""
+    return _psis(lw)[0]
 
 
 class WeightStats(NamedTuple):
@@ -220,12 +395,12 @@ class WeightStats(NamedTuple):
     log_marginal: torch.Tensor  # IWAE at K: log-mean-exp of all K weights, (n,)
     elbo: torch.Tensor  # mean log weight, (n,)
     iwae: dict  # k -> (n,) mean over K // k groups of log-mean-exp of k weights
-    khat: np.ndarray  # Pareto k-hat, (n,); -1 where all weights are equal
+    khat: np.ndarray  # Pareto k-hat, (n,); -1 where all weights are equal, NaN where undefined
     ess: torch.Tensor  # effective sample size, (n,)
 
 
-def weight_stats(lw: torch.Tensor, ks: Sequence[int]) -> WeightStats:
-    """From float64 log weights ``(K, n)``: IWAE at K, ELBO, IWAE at each k, k-hat, ESS."""
+def _weight_stats(lw: torch.Tensor, ks: Sequence[int]) -> tuple:
+    """(:class:`WeightStats`, PSIS-smoothed log marginal ``(n,)`` numpy)."""
     K = lw.shape[0]
     lse = torch.logsumexp(lw, 0)
     log_marginal = lse - math.log(K)
@@ -237,15 +412,25 @@ def weight_stats(lw: torch.Tensor, ks: Sequence[int]) -> WeightStats:
         iwae[k] = (torch.logsumexp(grouped, 1) - math.log(k)).mean(0)
     ess = torch.exp(2 * lse - torch.logsumexp(2 * lw, 0))
     lw_np = lw.T.cpu().numpy()
-    khat = _khat(lw_np)
+    khat, psis = _psis(lw_np)
     flat = khat == -1.0
     ess[torch.from_numpy(flat).to(ess.device)] = float(K)
-    return WeightStats(log_marginal, elbo, iwae, khat, ess)
+    return WeightStats(log_marginal, elbo, iwae, khat, ess), psis
+
+
+def weight_stats(lw: torch.Tensor, ks: Sequence[int]) -> WeightStats:
+    """From float64 log weights ``(K, n)``: IWAE at K, ELBO, IWAE at each k, k-hat, ESS."""
+    return _weight_stats(lw, ks)[0]
 
 
 @dataclass
 class Estimate:
-    """Per-datapoint (or one joint) importance-sampling results, all in nats."""
+    """Per-datapoint (or one joint) importance-sampling results, all in nats.
+
+    ``log_marginal`` is the raw IWAE estimate, trustworthy where ``khat`` < 0.5;
+    ``log_marginal_psis`` the Pareto-smoothed one (PSIS, Vehtari et al. 2024), trustworthy
+    where ``khat`` < 0.7.  ``khat`` is NaN where the tail fit is undefined (see :func:`_psis`).
+    """
 
     log_marginal: np.ndarray
     elbo: np.ndarray
@@ -256,26 +441,37 @@ class Estimate:
     per_datapoint: bool
     summed: str
     scaled_sites: list
+    log_marginal_psis: Optional[np.ndarray] = None
+    mode: str = ""
 
     @property
     def n(self) -> int:
         return int(self.log_marginal.shape[0])
 
     def summary(self) -> dict:
-        """Means with standard errors across datapoints, and the k-hat summary."""
+        """Means with standard errors across datapoints, and the k-hat summary.
+
+        ``khat_gt_0.5``: the share of values whose raw estimate is untrustworthy;
+        ``khat_gt_0.7``: the share whose smoothed estimate (``psis``) is untrustworthy;
+        ``khat_undefined``: the share with NaN k-hat (counted in neither).
+        """
 
         def ms(a):
             a = np.asarray(a, dtype=float)
             se = float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else float("nan")
             return {"mean": float(a.mean()), "se": se}
 
+        psis = self.log_marginal if self.log_marginal_psis is None else self.log_marginal_psis
         return {
             "n": self.n,
             "num_samples": self.num_samples,
             "elbo": ms(self.elbo),
             "iwae": {int(k): ms(v) for k, v in sorted(self.iwae.items())},
+            "psis": ms(psis),
             "gap": ms(self.log_marginal - self.elbo),
-            "khat_gt_0.7": float(np.mean(self.khat > 0.7)),
+            "khat_gt_0.5": float(np.mean(self.khat > KHAT_RAW)),
+            "khat_gt_0.7": float(np.mean(self.khat > KHAT_PSIS)),
+            "khat_undefined": float(np.mean(np.isnan(self.khat))),
             "ess_mean": float(np.mean(self.ess)),
             "per_datapoint": self.per_datapoint,
             "summed": self.summed,
@@ -286,14 +482,109 @@ class Estimate:
 
         arrays = dict(log_marginal=self.log_marginal, elbo=self.elbo, khat=self.khat,
                       ess=self.ess, num_samples=np.array(self.num_samples))
+        if self.log_marginal_psis is not None:
+            arrays["log_marginal_psis"] = self.log_marginal_psis
         arrays.update({f"iwae_{k}": v for k, v in self.iwae.items()})
         tmp = f"{path}.tmp.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------- the estimator
 def _leading(args, n: int):
     return [i for i, a in enumerate(args) if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == n]
+
+
+def _leading_kw(kwargs, n: int):
+    return [k for k, a in kwargs.items() if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == n]
+
+
+def _cut(args, kwargs, n: int, start: int, stop: int):
+    """The arguments with rows ``start:stop`` of every tensor whose first dimension is ``n``."""
+    idx, kidx = _leading(args, n), _leading_kw(kwargs, n)
+    cargs = tuple(a[start:stop] if i in idx else a for i, a in enumerate(args))
+    ckw = {k: (a[start:stop] if k in kidx else a) for k, a in kwargs.items()}
+    return cargs, ckw
+
+
+def _data_size(args, kwargs) -> Optional[int]:
+    """N: the one first size of the positional tensors (of the keyword tensors when there are
+    no positional ones); None when they disagree or there are none."""
+    for group in (args, tuple(kwargs.values())):
+        lead = {a.shape[0] for a in group if torch.is_tensor(a) and a.dim() > 0}
+        if lead:
+            return lead.pop() if len(lead) == 1 else None
+    return None
+
+
+def _setup_autoguide(guide, args, kwargs) -> None:
+    """An autoguide learns its shapes from its first call: make that call the full data."""
+    from pyro.infer.autoguide import AutoGuide
+
+    if isinstance(guide, AutoGuide) and getattr(guide, "prototype_trace", None) is None:
+        setup = getattr(guide, "_setup_prototype", None)
+        if setup is not None:
+            with torch.no_grad():
+                setup(*args, **kwargs)
+
+
+def _structure(model, guide, args, kwargs, data_plate: str, n_all: Optional[int]) -> Structure:
+    """Probe the pair and choose how datapoints are chunked (module docstring)."""
+    if n_all:
+        probe_n = min(2, n_all)
+        cargs, ckw = _cut(args, kwargs, n_all, 0, probe_n)
+        store = pyro.get_param_store()
+        before = set(store.keys())
+        try:
+            st = probe(model, guide, cargs, ckw, data_plate, probe_n, scout=True)
+        except _RandomPlate:
+            st = None
+            random = True
+        except EstimatorRefusal:
+            raise
+        except Exception:  # the pair cannot run on a slice (e.g. a per-datapoint parameter)
+            st, random = None, False
+        else:
+            random = False
+        # parameters first created on the slice may be sized by it: let the real run make them
+        created = [k for k in store.keys() if k not in before and not _is_module_param(k)]
+        for k in created:
+            del store[k]
+        if st is not None and st.per_datapoint:
+            sized = [k for k, s in st.params.items() if n_all > probe_n and n_all in s]
+            if not sized and not created:
+                st.mode = "cut"
+                return st
+        if random:
+            return _index_structure(model, guide, args, kwargs, data_plate)
+    try:
+        st = probe(model, guide, args, kwargs, data_plate, None, scout=True)
+    except _RandomPlate:
+        return _index_structure(model, guide, args, kwargs, data_plate)
+    st.mode = "whole"
+    return st
+
+
+def _index_structure(model, guide, args, kwargs, data_plate: str) -> Structure:
+    st = probe(model, guide, args, kwargs, data_plate, None, subsample_start=0)
+    if not st.per_datapoint:
+        raise EstimatorRefusal(
+            f"plate {data_plate!r} draws a random subsample of {st.subsample_size} of its "
+            f"{st.data_size} datapoints and sites {st.outside} lie outside it, so a joint "
+            "estimate would need all datapoints in one run, which the plate's subsample_size "
+            "forbids; evaluate with subsample_size=None"
+        )
+    return st
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 def estimate_log_marginal(
@@ -305,16 +596,22 @@ def estimate_log_marginal(
     data_plate: str = "data",
     memory: int = DEFAULT_MEMORY,
     progress: bool = False,
+    max_seconds: Optional[float] = MAX_SECONDS,
     **kwargs,
 ) -> Estimate:
-    """The IWAE estimate of log p(x), the ELBO, IWAE at each k, k-hat and ESS.
+    """The IWAE estimate of log p(x), the ELBO, IWAE at each k, k-hat, ESS and the PSIS estimate.
 
-    ``args``/``kwargs`` are the model's and guide's arguments.  Positional tensor arguments are
-    the data: when they share a first dimension N that the data plate follows, they are cut
-    into chunks of datapoints (pass parameters such as a prior's concentration as keywords,
-    which are never cut), and the K particles
-    into chunks, so that one chunk's values take about ``memory`` bytes at most.  Log-sum-exp
-    is taken in float64 over all K draws of each datapoint.
+    ``args``/``kwargs`` are the model's and guide's arguments.  The data are the tensors whose
+    first dimension is N, the one first size the positional tensor arguments share (or, with
+    no positional tensors, the keyword ones); keyword tensors of that first size are data too.
+    Datapoints are evaluated in chunks (module docstring: ``"cut"``, ``"index"`` or
+    ``"whole"``) and the K particles in chunks, so that one chunk's values take about
+    ``memory`` bytes at most.  Log-sum-exp is taken in float64 over all K draws of each
+    datapoint.
+
+    Requests that cannot finish in reason are refused: K log weights of one datapoint must fit
+    in ``memory`` (at least 1 GiB), and when the first chunk projects a total above ``max_seconds`` (default
+    four hours) the call stops with the projection; ``max_seconds=None`` lifts the limit.
     """
     K = int(num_samples)
     if K < 1:
@@ -322,50 +619,73 @@ def estimate_log_marginal(
     ks = sorted({int(k) for k in ks} | {K})
     if ks[0] < 1 or ks[-1] > K:
         raise GenlabError(f"every k must lie in 1..{K} (the number of samples), got {ks}")
+    if K * _BYTES_PER_WEIGHT > max(memory, DEFAULT_MEMORY):
+        raise EstimatorRefusal(
+            f"{K} importance samples need about {K * _BYTES_PER_WEIGHT / 2**30:.1f} GiB for the "
+            f"log weights of a single datapoint, above the memory budget of "
+            f"{max(memory, DEFAULT_MEMORY) / 2**30:.2f} GiB; use fewer samples (IWAE gains little beyond 10^4 to "
+            "10^5), or raise memory= if the machine has it"
+        )
 
-    lead_n = {a.shape[0] for a in args if torch.is_tensor(a) and a.dim() > 0}
-    n_all = lead_n.pop() if len(lead_n) == 1 else None
-    probe_n = min(2, n_all) if n_all else None
-    if probe_n:
-        idx = _leading(args, n_all)
-        probe_args = tuple(a[:probe_n] if i in idx else a for i, a in enumerate(args))
-        st = probe(model, guide, probe_args, kwargs, data_plate, probe_n)
-    else:
-        st = probe(model, guide, args, kwargs, data_plate, None)
-    if not st.per_datapoint and probe_n:
-        # the plate did not follow the data's first dimension: re-probe on everything, jointly
-        st = probe(model, guide, args, kwargs, data_plate, None)
-        st.per_datapoint = False
-
+    _setup_autoguide(guide, args, kwargs)
+    n_all = _data_size(args, kwargs)
+    st = _structure(model, guide, args, kwargs, data_plate, n_all)
     per = st.per_datapoint
-    # datapoints are cut into chunks only when the data's size is known from the arguments
-    split = per and n_all is not None
     unit = max(st.bytes_per_unit * _OVERHEAD, 1.0)
     cells = max(1, int(memory // unit))
-    kb = min(K, cells)
-    nb = min(n_all, max(1, cells // kb), max(1, int(memory // (8 * 4 * K)))) if split else 1
-    chunks = range(0, n_all, nb) if split else [0]
+    if st.mode == "cut":
+        kb = min(K, cells)
+        nb = min(n_all, max(1, cells // kb), max(1, int(memory // (8 * 4 * K))))
+        chunks = list(range(0, n_all, nb))
+    elif st.mode == "index":
+        nb = st.subsample_size
+        kb = max(1, min(K, cells // nb))
+        chunks = list(range(0, st.data_size, nb))
+    else:
+        kb, nb, chunks = min(K, cells), None, [0]
+    n_parts = len(chunks) * math.ceil(K / kb)
 
     outs = []
     bar = tqdm(total=len(chunks), desc=f"IWAE K={K}", unit="chunk", leave=False,
                disable=None if progress else True)
+    t0, done = time.perf_counter(), 0
     with torch.no_grad():
         for start in chunks:
-            if split:
-                idx = _leading(args, n_all)
-                cargs = tuple(a[start : start + nb] if i in idx else a for i, a in enumerate(args))
-            else:
-                cargs = args
+            cargs, ckw, sub = args, kwargs, None
+            if st.mode == "cut":
+                cargs, ckw = _cut(args, kwargs, n_all, start, start + nb)
+            elif st.mode == "index":
+                sub = start
             parts = []
             for k0 in range(0, K, kb):
-                lw = log_weights(model, guide, cargs, kwargs, min(kb, K - k0), st, data_plate)
+                lw = log_weights(model, guide, cargs, ckw, min(kb, K - k0), st, data_plate,
+                                 subsample_start=sub)
                 parts.append(lw.double().reshape(lw.shape[0], -1))
-            outs.append(weight_stats(torch.cat(parts, 0), ks))
+                done += 1
+                if done == 1 and n_parts > 1 and max_seconds is not None:
+                    projected = (time.perf_counter() - t0) * n_parts
+                    if projected > max_seconds:
+                        bar.close()
+                        raise EstimatorRefusal(
+                            f"this estimate would take about {_duration(projected)} ({K} "
+                            f"samples in {n_parts} chunks, timed on the first), above "
+                            f"max_seconds={max_seconds:g}; use fewer samples or datapoints, or "
+                            "pass max_seconds=None (genlab-eval --yes) to run it anyway"
+                        )
+            lw = torch.cat(parts, 0)
+            if st.mode == "index":
+                # the last block is moved left to end at N: keep only datapoints not yet done
+                first = max(0, min(start, st.data_size - nb))
+                lw = lw[:, start - first:]
+            outs.append(_weight_stats(lw, ks))
             bar.update(1)
     bar.close()
-    log_marginal = torch.cat([o.log_marginal for o in outs]).cpu().numpy()
-    elbo = torch.cat([o.elbo for o in outs]).cpu().numpy()
-    iwae = {k: torch.cat([o.iwae[k] for o in outs]).cpu().numpy() for k in ks}
-    khat = np.concatenate([o.khat for o in outs])
-    ess = torch.cat([o.ess for o in outs]).cpu().numpy()
-    return Estimate(log_marginal, elbo, iwae, khat, ess, K, per, st.summed(data_plate), st.scaled)
+    stats = [o[0] for o in outs]
+    log_marginal = torch.cat([o.log_marginal for o in stats]).cpu().numpy()
+    elbo = torch.cat([o.elbo for o in stats]).cpu().numpy()
+    iwae = {k: torch.cat([o.iwae[k] for o in stats]).cpu().numpy() for k in ks}
+    khat = np.concatenate([o.khat for o in stats])
+    ess = torch.cat([o.ess for o in stats]).cpu().numpy()
+    psis = np.concatenate([o[1] for o in outs])
+    return Estimate(log_marginal, elbo, iwae, khat, ess, K, per, st.summed(data_plate),
+                    st.scaled, psis, st.mode)
