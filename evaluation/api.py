@@ -146,8 +146,17 @@ def evaluate(run_dir, ks: Sequence[int], split="test", limit=None, seed=0, memor
     return Evaluation(run, split, part, est, summary)
 
 
+def _short(v) -> str:
+    """A recorded value for people: floats to 6 significant digits (no float32 noise)."""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_short(u) for u in v) + "]"
+    return str(v)
+
+
 def describe(cfg: RunConfig) -> str:
     """One line naming the run: system, its architecture, data and binarization."""
-    arch = ", ".join(f"{k}={v}" for k, v in cfg.system_args.items() if v is not None)
-    data = ", ".join(f"{k}={v}" for k, v in cfg.data_args.items() if v is not None)
+    arch = ", ".join(f"{k}={_short(v)}" for k, v in cfg.system_args.items() if v is not None)
+    data = ", ".join(f"{k}={_short(v)}" for k, v in cfg.data_args.items() if v is not None)
     return f"{cfg.system} ({arch}) on {data}, loss {cfg.loss} k={cfg.k}"

@@ -8,23 +8,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from models.common import GenlabError
-
-COMMON = {  # dest -> default; every default is applied after parsing, so --resume can tell
-    "epochs": 10,  # which options were given on the command line
-    "batch_size": 128,
-    "lr": 1e-3,
-    "loss": None,  # the system's default loss
-    "k": 1,
-    "limit": None,
-    "seed": 0,
-    "device": "cpu",
-    "optimizer": "adam",
-    "lr_decay": 1.0,
-    "clip_norm": 10.0,
-    "patience": None,
-    "keep_epochs": [],
-}
+from inference.runner import RunConfig, train
+from inference.systems import SYSTEMS, add_config_arguments, get_system
+from models.common import GenlabError, config_defaults
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,10 +25,11 @@ def fail(prog: str, err: GenlabError):
     return getattr(err, "exit_code", 2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from inference.runner import LOSSES, OPTIMIZERS
-    from inference.systems import SYSTEMS, epoch_list
+#: RunConfig fields that are not flags of their own.
+_NOT_FLAGS = ("system", "system_args", "data_args")
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="genlab-train", description="Train a genlab system with SVI into a run "
                     "directory (config.json, metrics.csv, steps.csv, checkpoint.pt).")
     sub = parser.add_subparsers(dest="system", metavar="SYSTEM", parser_class=Parser,
@@ -51,34 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, spec in SYSTEMS.items():
         p = sub.add_parser(name, help=spec.help, description=spec.help)
         p.add_argument("--out", help="run directory (default runs/SYSTEM-<time>)")
-        p.add_argument("--epochs", type=int, help="total passes over the training data (default 10)")
-        p.add_argument("--batch-size", type=int, help="mini-batch size (default 128)")
-        p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
-        p.add_argument("--loss", choices=LOSSES, help=f"objective (default {spec.default_loss})")
-        p.add_argument("--k", type=int, help="particles per datapoint (default 1)")
-        p.add_argument("--limit", type=int, help="use only the first N training datapoints")
-        p.add_argument("--seed", type=int, help="random seed (default 0)")
-        p.add_argument("--device", help="torch device (default cpu)")
-        p.add_argument("--optimizer", choices=OPTIMIZERS, help="adam (default) or clipped_adam")
-        p.add_argument("--lr-decay", type=float, help="learning-rate factor per epoch (default 1)")
-        p.add_argument("--clip-norm", type=float, help="clipped_adam's clip: Pyro's ClippedAdam clamps each "
-                       "gradient element to [-c, c] (default 10)")
-        p.add_argument("--patience", type=int, help="stop after this many epochs without a better "
-                       "validation ELBO")
-        p.add_argument("--keep-epochs", type=epoch_list, help="also keep checkpoints of these "
-                       "epochs, e.g. 0,1,5 (0 = before training)")
-        p.add_argument("--data-dir", help="data root (default $GENLAB_DATA, else the user cache)")
+        add_config_arguments(p, RunConfig, skip=_NOT_FLAGS)
         p.add_argument("--resume", action="store_true", help="continue the run in --out")
         p.add_argument("--quiet", action="store_true", help="no progress output")
         spec.add_arguments(p)
     return parser
 
 
-def config_from_args(ns: argparse.Namespace):
+def config_from_args(ns: argparse.Namespace) -> RunConfig:
     """A RunConfig from parsed arguments; with --resume, the run's own config plus --epochs."""
-    from inference.runner import RunConfig
-    from inference.systems import get_system
-
     spec = get_system(ns.system)
     sys_names, data_names = spec.option_names()
     given = {k: v for k, v in vars(ns).items() if v is not None}
@@ -106,8 +74,9 @@ def config_from_args(ns: argparse.Namespace):
                     raise GenlabError(f"--{key.replace('_', '-')} {value} differs from the run's "
                                       f"{saved_value}; it cannot change on --resume")
         return cfg
-    values = {k: given.get(k, v) for k, v in COMMON.items()}
-    values["loss"] = values["loss"] or spec.default_loss
+    values = {k: given.get(k, v) for k, v in config_defaults(RunConfig).items()
+              if k not in _NOT_FLAGS + ("data_dir",)}
+    values["loss"] = given.get("loss") or spec.default_loss
     system_args = spec.resolve({k: given.get(k) for k in sys_names})
     data_args = spec.resolve_data({k: given.get(k, d) for k, d in spec.data_defaults().items()})
     return RunConfig(system=ns.system, system_args=system_args, data_args=data_args,
@@ -115,8 +84,6 @@ def config_from_args(ns: argparse.Namespace):
 
 
 def main(argv=None) -> int:
-    from inference.runner import train
-
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:

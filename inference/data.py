@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from models.common import GenlabError, check_binary  # noqa: F401  (re-exported)
+from models.common import GenlabError, check_binary, option  # noqa: F401  (check_binary re-exported)
 
 BINARIZATIONS = ("dynamic", "fixed", "threshold", "larochelle")
 DATASETS = ("mnist", "binarized-mnist")
@@ -51,6 +51,66 @@ AMAT_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/
 MNIST_VALID = 10000
 #: Seeds of the one-off Bernoulli draws (``fixed`` training set, every evaluation split).
 BINARIZE_SEEDS = {"train": 20111, "valid": 20112, "test": 20113}
+HOLDOUTS = ("pca-top", "pca-bottom")
+
+
+# ----------------------------------------------------------------------------- data configs
+# One dataclass per kind of data: the one source of its defaults, from which the training
+# command line's data flags and their help are generated (inference.systems).
+@dataclass
+class ImageData:
+    """Images: MNIST (grey levels, binarized as ``binarization`` says) or Larochelle's set."""
+
+    dataset: str = option("mnist", "mnist (grey levels, binarized as --binarization says) or "
+                          "binarized-mnist (Larochelle's fixed set)", choices=DATASETS)
+    binarization: Optional[str] = option(None, "dynamic (the default for mnist), fixed, "
+                                         "threshold; larochelle for binarized-mnist",
+                                         choices=BINARIZATIONS)
+    holdout: Optional[str] = option(None, "train without the top / bottom fraction of training "
+                                    "images along the first principal component; they become "
+                                    "the evaluation split 'holdout'", choices=HOLDOUTS)
+    holdout_fraction: float = option(0.05, "share held out by --holdout")
+
+
+@dataclass
+class RegressionData:
+    """1-D regression data: the seeded "wiggles" generator, or a CSV of two columns."""
+
+    csv: Optional[str] = option(None, "a CSV of two numeric columns x, y (instead of the "
+                                "wiggles generator)")
+    n_train: int = option(500, "wiggles training points")
+    n_valid: int = option(500, "wiggles validation points")
+    n_test: int = option(1000, "wiggles test points")
+    data_seed: int = option(0, "seed of the wiggles draw or the CSV split")
+
+
+@dataclass
+class DirichletData:
+    """Symbols for the conjugate model: S sequences, each with its own p ~ Dirichlet(alpha)."""
+
+    alpha: list[float] = option([1.3, 1.3, 1.3], "prior concentration, also the law of the "
+                                "true p's")
+    symbols: int = option(100, "training symbols per sequence")
+    sequences: int = option(1, "independent sequences S, each with its own p")
+    p: Optional[list[float]] = option(None, "a fixed true p for every sequence instead of draws "
+                                      "from Dirichlet(alpha)")
+    test_symbols: Optional[int] = option(None, "valid and test symbols per sequence (default: "
+                                         "--symbols)")
+    data_seed: int = option(0, "seed of the data draws")
+
+
+@dataclass
+class SequenceData:
+    """The meta-learning task: symbol sequences whose law is redrawn every ``period`` steps."""
+
+    alpha: list[float] = option([1.3, 1.3, 1.3], "Dirichlet law of each block's p")
+    period: int = option(5, "reset period T")
+    p: Optional[list[float]] = option(None, "train on a fixed p instead (fixed-p mode)")
+    length: int = option(100, "sequence length L")
+    sequences: int = option(6400, "training sequences (6400 = 50 batches of 128)")
+    valid_sequences: int = option(1000, "validation sequences")
+    test_sequences: int = option(1000, "test sequences")
+    data_seed: int = option(0, "seed of the data draws")
 
 
 def cache_dir() -> Path:
@@ -382,8 +442,6 @@ def load_images(
         data = pca_holdout(data, holdout, holdout_fraction)
     return data
 
-
-HOLDOUTS = ("pca-top", "pca-bottom")
 
 
 def first_principal_component(x: torch.Tensor):

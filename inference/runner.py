@@ -41,8 +41,8 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from inference.losses import LOSSES, make_loss
-from inference.systems import get_system
-from models.common import GenlabError
+from inference.systems import epoch_list, get_system
+from models.common import GenlabError, option
 
 OPTIMIZERS = ("adam", "clipped_adam")
 CHECKPOINT = "checkpoint.pt"
@@ -68,20 +68,25 @@ class RunConfig:
     system: str
     system_args: dict = field(default_factory=dict)
     data_args: dict = field(default_factory=dict)
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    loss: str = "Trace_ELBO"
-    k: int = 1
-    limit: Optional[int] = None
-    seed: int = 0
-    device: str = "cpu"
-    optimizer: str = "adam"
-    lr_decay: float = 1.0
-    clip_norm: float = 10.0
-    patience: Optional[int] = None
-    keep_epochs: list = field(default_factory=list)
-    data_dir: Optional[str] = None
+    # the options every system shares: the one source of their defaults and help (the
+    # training command line generates its flags from these fields)
+    epochs: int = option(10, "total passes over the training data")
+    batch_size: int = option(128, "mini-batch size")
+    lr: float = option(1e-3, "learning rate")
+    loss: str = option("Trace_ELBO", "objective", choices=LOSSES)
+    k: int = option(1, "particles per datapoint")
+    limit: Optional[int] = option(None, "use only the first N training datapoints")
+    seed: int = option(0, "random seed")
+    device: str = option("cpu", "torch device")
+    optimizer: str = option("adam", "the optimizer", choices=OPTIMIZERS)
+    lr_decay: float = option(1.0, "learning-rate factor per epoch")
+    clip_norm: float = option(10.0, "clipped_adam's clip: Pyro's ClippedAdam clamps each "
+                              "gradient element to [-c, c]")
+    patience: Optional[int] = option(None, "stop after this many epochs without a better "
+                                     "validation ELBO")
+    keep_epochs: list[int] = option([], "also keep checkpoints of these epochs, e.g. 0,1,5 "
+                                    "(0 = before training)", parse=epoch_list)
+    data_dir: Optional[str] = option(None, "data root (default $GENLAB_DATA, else the user cache)")
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "k"):

@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
+from dataclasses import MISSING, field, fields
 from typing import Optional, Sequence
 
 import pyro
 import torch
 from torch import nn
+
+
+def option(default=None, help: str = "", choices: Optional[Sequence] = None, parse=None):
+    """A field of a config dataclass: its default and its one-line help.
+
+    Config dataclasses (``VAEConfig``, ``ImageData``, ``RunConfig``, ...) are the one source of
+    every default: the command-line flags, their help (with "(default X)" appended) and the
+    recorded ``config.json`` are all generated from them.  List defaults are copied per use.
+    ``parse`` overrides the flag's parser, which otherwise follows the field's type.
+    """
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "parse": parse}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def config_defaults(cls) -> dict:
+    """Every field of a config dataclass with its default, in declaration order."""
+    out = {}
+    for f in fields(cls):
+        out[f.name] = f.default_factory() if f.default_factory is not MISSING else f.default
+    return out
+
+
+def fill_defaults(cls, given: dict) -> dict:
+    """``given`` with every None or missing field of ``cls`` replaced by its default."""
+    d = config_defaults(cls)
+    return {k: (d[k] if given.get(k) is None else given[k]) for k in d}
 
 
 class GenlabError(Exception):

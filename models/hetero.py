@@ -62,6 +62,7 @@ in the Bayesian model, weights drawn under a particles plate of K have shape
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import pyro
@@ -71,7 +72,7 @@ from pyro import poutine
 from torch import nn
 from torch.nn import functional as F
 
-from models.common import GenlabError, data_plate, mlp
+from models.common import GenlabError, config_defaults, data_plate, mlp, option
 
 VARIANTS = ("homo", "hetero", "bayes")
 #: The default floor: a numerical guard only (far below any noise scale in the studies).
@@ -87,26 +88,42 @@ def _inverse_softplus(v: float) -> float:
     return v + math.log(-math.expm1(-v))
 
 
+@dataclass
+class HeteroConfig:
+    """The regression model's options: the one source of their defaults."""
+
+    variant: str = option("hetero", "homo: one learned sigma; hetero: sigma(x) from a second "
+                          "network; bayes: hetero with priors on all weights", choices=VARIANTS)
+    hidden: list[int] = option([50, 50], "hidden sizes of f and g")
+    activation: str = option("tanh", "nonlinearity", choices=("relu", "tanh", "softplus", "elu"))
+    sigma_floor: float = option(NUMERICAL_FLOOR, "sigma = softplus(.) + floor: a numerical "
+                                "guard; e.g. 0.05 as a remedy for the dips")
+    beta: float = option(0.0, "beta-NLL exponent in [0, 1] for --variant hetero (0: maximum "
+                         "likelihood)")
+    prior_scale: float = option(1.0, "prior sd of every weight, --variant bayes")
+
+
 def hetero_args(variant: Optional[str] = None, hidden: Optional[Sequence[int]] = None,
                 activation: Optional[str] = None, sigma_floor: Optional[float] = None,
                 beta: Optional[float] = None, prior_scale: Optional[float] = None) -> dict:
     """The full, checked system arguments (defaults filled in), as recorded in config.json."""
-    variant = variant or "hetero"
+    d = config_defaults(HeteroConfig)
+    variant = variant or d["variant"]
     if variant not in VARIANTS:
         raise GenlabError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    hidden = [50, 50] if hidden is None else [int(h) for h in hidden]
-    floor = NUMERICAL_FLOOR if sigma_floor is None else float(sigma_floor)
+    hidden = d["hidden"] if hidden is None else [int(h) for h in hidden]
+    floor = d["sigma_floor"] if sigma_floor is None else float(sigma_floor)
     if not floor > 0 or not math.isfinite(floor):
         raise GenlabError(f"--sigma-floor must be a positive number, got {sigma_floor}")
-    beta = 0.0 if beta is None else float(beta)
+    beta = d["beta"] if beta is None else float(beta)
     if not 0.0 <= beta <= 1.0:
         raise GenlabError(f"--beta must lie in [0, 1], got {beta}")
     if beta > 0 and variant != "hetero":
         raise GenlabError(f"--beta (β-NLL) applies to --variant hetero, not {variant}")
-    prior_scale = 1.0 if prior_scale is None else float(prior_scale)
+    prior_scale = d["prior_scale"] if prior_scale is None else float(prior_scale)
     if not prior_scale > 0 or not math.isfinite(prior_scale):
         raise GenlabError(f"--prior-scale must be a positive number, got {prior_scale}")
-    return dict(variant=variant, hidden=hidden, activation=activation or "tanh",
+    return dict(variant=variant, hidden=hidden, activation=activation or d["activation"],
                 sigma_floor=floor, beta=beta,
                 prior_scale=prior_scale if variant == "bayes" else None)
 

@@ -37,6 +37,7 @@ for nats per step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import pyro
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.common import GenlabError, data_plate, mlp
+from models.common import GenlabError, data_plate, fill_defaults, mlp, option
 from models.dirichlet import check_alpha
 
 
@@ -151,10 +152,20 @@ class MetaLearner(nn.Module):
         return {"ce_per_step": float(ce), "accuracy": float(acc)}
 
 
+@dataclass
+class MetaConfig:
+    """The meta-learner's architecture: the one source of its defaults."""
+
+    hidden: int = option(32, "GRU state size")
+    head: list[int] = option([64], "hidden sizes of the output MLP")
+    activation: str = option("relu", "nonlinearity", choices=("relu", "tanh", "softplus", "elu"))
+
+
 def meta_args(num_symbols=None, hidden=None, head=None, activation=None) -> dict:
-    """The recorded architecture: defaults for everything not given."""
-    return dict(num_symbols=int(num_symbols or 3), hidden=int(hidden or 32),
-                head=[int(h) for h in (head or [64])], activation=activation or "relu")
+    """The recorded architecture: defaults for everything not given (3 symbols by default)."""
+    d = fill_defaults(MetaConfig, dict(hidden=hidden, head=head, activation=activation))
+    return dict(num_symbols=int(num_symbols or 3), hidden=int(d["hidden"]),
+                head=[int(h) for h in d["head"]], activation=d["activation"])
 
 
 def build_meta(**kwargs) -> MetaLearner:

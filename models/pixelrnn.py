@@ -33,6 +33,7 @@ Shapes: ``x`` is ``(N, 784)`` float 0/1; logits ``(N, 784)``; the state ``h`` is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import pyro
@@ -41,10 +42,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.common import GenlabError, check_binary, data_plate, mlp
+from models.common import GenlabError, check_binary, config_defaults, data_plate, mlp, option
+
+
+@dataclass
+class PixelRNNConfig:
+    """The pixel GRU's architecture; the defaults are the study's GRU(32) with a 64-unit head."""
+
+    hidden: int = option(32, "GRU state size H")
+    head: list[int] = option([64], "hidden sizes of the output MLP")
+
 
 #: The study's architecture.
-STUDY = dict(hidden=32, head=[64])
+STUDY = config_defaults(PixelRNNConfig)
 COMPLETION_MODES = ("greedy", "sample")
 
 

@@ -16,6 +16,7 @@ the site ``"x"`` has batch shape ``(N,)`` and event shape ``(784,)`` (``to_event
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import pyro
@@ -25,7 +26,7 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 from torch.nn import functional as F
 
-from models.common import GenlabError, check_binary, data_plate, mlp
+from models.common import GenlabError, check_binary, data_plate, fill_defaults, mlp, option
 
 #: Named architectures: latent size, hidden sizes, nonlinearity.
 PRESETS = {
@@ -34,6 +35,17 @@ PRESETS = {
     # Burda, Grosse & Salakhutdinov (2015), one stochastic layer: 784-200-200-50, tanh.
     "iwae-1layer": dict(latent_dim=50, hidden=(200, 200), activation="tanh"),
 }
+
+
+@dataclass
+class VAEConfig:
+    """The VAE's architecture (also the CVAE's): the one source of its defaults."""
+
+    preset: Optional[str] = option(None, "a named architecture, applied before the options below",
+                                   choices=PRESETS)
+    latent_dim: int = option(20, "latent dimension d")
+    hidden: list[int] = option([400], "hidden sizes of encoder and decoder, e.g. 400 or 200,200")
+    activation: str = option("relu", "nonlinearity", choices=("relu", "tanh", "softplus", "elu"))
 
 
 class VAE(nn.Module):
@@ -98,7 +110,8 @@ class VAE(nn.Module):
 
 def vae_args(preset: Optional[str] = None, **kwargs) -> dict:
     """The full architecture: defaults, then the preset, then explicit arguments (not None)."""
-    args = dict(latent_dim=20, hidden=[400], activation="relu")
+    args = fill_defaults(VAEConfig, {})
+    del args["preset"]
     if preset is not None:
         if preset not in PRESETS:
             raise GenlabError(f"unknown VAE preset {preset!r}; choose one of {', '.join(PRESETS)}")
