@@ -29,3 +29,9 @@ test-slow: venv
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
+
+# Table 1 of the IWAE paper (issue 15): trains every missing cell resumably, writes RESULTS.md.
+# BUDGET=N passes per cell (default: the paper's 3,280); REPRODUCE_ARGS for more options.
+.PHONY: reproduce
+reproduce: venv
+	GENLAB_DATA=$(DATA) $(BIN)/python -m evaluation.reproduce --data-dir $(DATA) --results RESULTS.md $(if $(BUDGET),--budget $(BUDGET)) $(REPRODUCE_ARGS)
