@@ -364,7 +364,7 @@ def _psis(lw: np.ndarray) -> tuple:
     k-hat is -1 for rows of (numerically) equal weights and NaN where the Pareto fit has fewer
     than five weights above its cutoff (arviz returns inf there and smooths nothing): weights
     with few distinct values, as a discrete guide gives, or K below about 25.  The smoothed
-    estimate equals the raw one wherever nothing was smoothed.
+    estimate is NaN wherever nothing was smoothed (the caller puts the raw one there).
     """
     az = _import_arviz()
     K = lw.shape[1]
@@ -381,7 +381,7 @@ def _psis(lw: np.ndarray) -> tuple:
         smoothed[~flat] = np.asarray(slw, dtype=float)
     m = smoothed.max(axis=1, keepdims=True)
     psis = m[:, 0] + np.log(np.exp(smoothed - m).sum(axis=1)) - math.log(K)
-    return out, psis
+    return out, np.where(np.isfinite(out) & (out != -1.0), psis, np.nan)
 
 
 def _khat(lw: np.ndarray) -> np.ndarray:
@@ -413,6 +413,8 @@ def _weight_stats(lw: torch.Tensor, ks: Sequence[int]) -> tuple:
     ess = torch.exp(2 * lse - torch.logsumexp(2 * lw, 0))
     lw_np = lw.T.cpu().numpy()
     khat, psis = _psis(lw_np)
+    raw = ~np.isfinite(psis)  # nothing smoothed: the raw estimate itself
+    psis[raw] = log_marginal.cpu().numpy()[raw]
     flat = khat == -1.0
     ess[torch.from_numpy(flat).to(ess.device)] = float(K)
     return WeightStats(log_marginal, elbo, iwae, khat, ess), psis
