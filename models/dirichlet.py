@@ -166,14 +166,21 @@ def posterior_predictive(alpha, counts) -> torch.Tensor:
 
 
 def log_evidence(alpha, x, num_categories: Optional[int] = None) -> torch.Tensor:
-    """log p(x_1..x_n) of the ordered sequence (Dirichlet-multinomial without the coefficient)."""
-    a = _alpha(alpha, num_categories)
-    c = counts(x, a.shape[0], dtype=a.dtype)
-    A, n = a.sum(), c.sum()
-    return (
-        torch.lgamma(A) - torch.lgamma(A + n)
-        + (torch.lgamma(a + c) - torch.lgamma(a)).sum()
-    )
+    """log p(x_1..x_n) of the ordered sequence (Dirichlet-multinomial without the coefficient).
+
+    Computed and returned in float64 whatever dtype comes in: in float32, lgamma(A + n) for
+    n ~ 10^6 loses most of a nat.
+    """
+    a = _alpha(alpha, num_categories).double()
+    c = counts(x, a.shape[0], dtype=torch.float64)
+    return _log_evidence(a, c)
+
+
+def _log_evidence(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The closed form over the last dimension, float64 ``a`` and ``c`` of one shape."""
+    A, n = a.sum(-1), c.sum(-1)
+    return (torch.lgamma(A) - torch.lgamma(A + n)
+            + (torch.lgamma(a + c) - torch.lgamma(a)).sum(-1))
 
 
 def kl_dirichlet(a, b) -> torch.Tensor:
@@ -200,12 +207,13 @@ def elbo(alpha, beta, counts) -> torch.Tensor:
 
 
 def log_evidence_from_counts(alpha, counts) -> torch.Tensor:
-    """log p(x) of ordered sequences from their counts ``(..., J)``: one value per row."""
-    c = torch.as_tensor(counts)
-    a = torch.as_tensor(alpha, dtype=c.dtype).expand_as(c)
-    A, n = a.sum(-1), c.sum(-1)
-    return (torch.lgamma(A) - torch.lgamma(A + n)
-            + (torch.lgamma(a + c) - torch.lgamma(a)).sum(-1))
+    """log p(x) of ordered sequences from their counts ``(..., J)``: one value per row.
+
+    In float64 whatever dtypes come in (integer counts used to cast alpha to an integer).
+    """
+    c = torch.as_tensor(counts).to(torch.float64)
+    a = torch.as_tensor(alpha).to(torch.float64).expand_as(c)
+    return _log_evidence(a, c)
 
 
 def counts_by_sequence(x, seq, num_sequences: int, num_categories: int, dtype=None) -> torch.Tensor:
