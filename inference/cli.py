@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -23,6 +23,16 @@ class Parser(argparse.ArgumentParser):
 def fail(prog: str, err: GenlabError):
     print(f"{prog}: error: {err}", file=sys.stderr)
     return getattr(err, "exit_code", 2)
+
+
+#: What may change on --resume: nothing that changes what the run's numbers mean, except the
+#: learning rate, which a user lowers to continue a diverged run from its last good checkpoint.
+RESUMABLE = ("epochs", "patience", "device", "data_dir", "lr", "checkpoint_every",
+             "divergence_factor")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 #: RunConfig fields that are not flags of their own.
@@ -53,21 +63,18 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     if ns.resume:
         if not ns.out:
             raise GenlabError("--resume needs --out, the run directory to continue")
-        path = Path(ns.out) / "config.json"
-        if not path.exists():
+        if not (Path(ns.out) / "config.json").exists():
             raise GenlabError(f"{ns.out} holds no run to resume (no config.json)")
-        saved = json.loads(path.read_text())
-        if saved.get("system") != ns.system:
-            raise GenlabError(f"{ns.out} holds a {saved.get('system')!r} run, not {ns.system!r}")
-        cfg = RunConfig.from_dict(saved)
-        changeable = {"epochs", "data_dir", "device", "patience"}
+        cfg = RunConfig.read(ns.out)
+        if cfg.system != ns.system:
+            raise GenlabError(f"{ns.out} holds a {cfg.system!r} run, not {ns.system!r}")
         for key, value in given.items():
-            if key in changeable:
+            if key in RESUMABLE:
                 setattr(cfg, key, value)
             elif key in {f.name for f in fields(cfg)} and value != getattr(cfg, key):
                 raise GenlabError(f"--{key.replace('_', '-')} {value} differs from the run's "
-                                  f"{getattr(cfg, key)}; only --epochs, --patience, --device and "
-                                  "--data-dir may change on --resume")
+                                  f"{getattr(cfg, key)}; only {', '.join(_flag(k) for k in RESUMABLE)} "
+                                  "may change on --resume")
             elif key in sys_names + data_names:
                 saved_value = (cfg.system_args if key in sys_names else cfg.data_args).get(key)
                 if value != saved_value:
@@ -89,8 +96,6 @@ def main(argv=None) -> int:
     try:
         cfg = config_from_args(ns)
         if ns.out is None:
-            import time
-
             ns.out = f"runs/{ns.system}-{time.strftime('%Y%m%d-%H%M%S')}"
         result = train(cfg, Path(ns.out), resume=ns.resume, progress=not ns.quiet)
     except GenlabError as e:

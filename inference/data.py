@@ -20,6 +20,7 @@ images; binarized MNIST has its own 50,000 / 10,000 / 10,000 split and no labels
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import os
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from models.common import GenlabError, check_binary, option  # noqa: F401  (check_binary re-exported)
+from models.dirichlet import check_alpha
 
 BINARIZATIONS = ("dynamic", "fixed", "threshold", "larochelle")
 DATASETS = ("mnist", "binarized-mnist")
@@ -272,7 +274,7 @@ def _mnist_torchvision_root(root: Path, download: bool) -> Path:
                 f"{MNIST_FILES[missing[0]]}); put the four MNIST .gz files in {where} "
                 "or run online once so torchvision.datasets.MNIST can download them"
             )
-        import torchvision
+        import torchvision  # heavy (~1 s): only when MNIST is first read
 
         try:
             torchvision.datasets.MNIST(str(work), train=True, download=True)
@@ -288,7 +290,7 @@ def _mnist_torchvision_root(root: Path, download: bool) -> Path:
 def _load_mnist_arrays(root: Path, download: bool):
     """(train_images uint8 (60000, 784), train_labels, test_images, test_labels)."""
     work = _mnist_torchvision_root(root, download)
-    import torchvision
+    import torchvision  # heavy (~1 s): only when MNIST is first read
 
     out = []
     for train in (True, False):
@@ -390,7 +392,7 @@ def _load_amat(root: Path, split: str, download: bool) -> np.ndarray:
 
 def _download_amat(name: str) -> Optional[Path]:
     """Fetch one ``.amat`` into the cache; None when offline."""
-    from urllib.error import URLError
+    from urllib.error import URLError  # only when downloading
     from urllib.request import urlretrieve
 
     dst = cache_dir() / "data" / "binarized_mnist" / name
@@ -561,8 +563,6 @@ def load_xy_csv(path, seed: int = 0, valid_fraction: float = 0.2,
                 test_fraction: float = 0.2) -> Dataset:
     """A user's CSV of two numeric columns x, y (an optional header row names them; other
     columns are refused), split as :func:`regression_dataset` does."""
-    import csv
-
     path = Path(path).expanduser()
     try:
         with open(path, newline="") as f:
@@ -617,8 +617,6 @@ def load_xy_csv(path, seed: int = 0, valid_fraction: float = 0.2,
 # ----------------------------------------------------------------------------- symbol sequences
 def _symbol_law(alpha, p, num_symbols: Optional[int] = None):
     """(alpha (J,) float64 numpy or None, p (J,) float64 numpy or None), checked."""
-    from models.dirichlet import check_alpha
-
     a = None if alpha is None else check_alpha(alpha, num_symbols).double().numpy()
     q = None
     if p is not None:

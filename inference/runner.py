@@ -24,10 +24,12 @@ resumed from any step boundary produces the same losses as an uninterrupted one.
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -39,6 +41,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
+from tqdm import tqdm
 
 from inference.losses import LOSSES, make_loss
 from inference.systems import epoch_list, get_system
@@ -87,6 +90,14 @@ class RunConfig:
     keep_epochs: list[int] = option([], "also keep checkpoints of these epochs, e.g. 0,1,5 "
                                     "(0 = before training)", parse=epoch_list)
     data_dir: Optional[str] = option(None, "data root (default $GENLAB_DATA, else the user cache)")
+    valid_limit: Optional[int] = option(None, "validate on only the first N validation "
+                                        "datapoints (default: all of them)")
+    checkpoint_every: Optional[str] = option(None, "also checkpoint inside epochs: every N "
+                                             "steps (e.g. 500) or every T seconds/minutes "
+                                             "(e.g. 90s, 10m); resuming stays exact")
+    divergence_factor: float = option(1000.0, "stop (exit 3) when the epoch's objective or "
+                                      "validation ELBO falls below first - F * max(1, |first|) "
+                                      "nats/pt, first = the first step's objective")
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "k"):
@@ -107,11 +118,59 @@ class RunConfig:
             raise GenlabError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.patience is not None and self.patience < 1:
             raise GenlabError(f"--patience must be a positive integer, got {self.patience}")
+        if self.valid_limit is not None and self.valid_limit < 1:
+            raise GenlabError(f"--valid-limit must be a positive integer, got {self.valid_limit}")
+        if not self.divergence_factor > 0:
+            raise GenlabError(f"--divergence-factor must be positive, got {self.divergence_factor}")
+        checkpoint_interval(self.checkpoint_every)
+
+    @classmethod
+    def read(cls, run_dir) -> "RunConfig":
+        """A run directory's ``config.json``, or one clear sentence why it cannot be read."""
+        path = Path(run_dir) / "config.json"
+        if not path.exists():
+            raise GenlabError(f"{run_dir} is not a run directory (no config.json)")
+        try:
+            d = json.loads(path.read_text())
+            if not isinstance(d, dict) or "system" not in d:
+                raise ValueError("no system")
+            return cls.from_dict(d)
+        except (ValueError, UnicodeDecodeError, TypeError) as e:
+            why = type(e).__name__
+        ckpt = Path(run_dir) / CHECKPOINT
+        saved = load_checkpoint(ckpt).get("config") if ckpt.exists() else None
+        if not saved:
+            raise GenlabError(f"{path} is damaged ({why}) and no checkpoint holds the run's "
+                              "config; the run cannot be read")
+        # every checkpoint holds the config it was trained with: recover it, and say so
+        _atomic_text(path, json.dumps(saved, indent=2) + "\n")
+        print(f"note: {path} was damaged ({why}); restored it from {ckpt.name}", file=sys.stderr)
+        return cls.from_dict(saved)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def checkpoint_interval(text: Optional[str]) -> tuple:
+    """``--checkpoint-every``: ("steps", N), ("seconds", T) or (None, None)."""
+    if text is None:
+        return None, None
+    t = str(text).strip().lower()
+    try:
+        if t.endswith("m"):
+            value, kind = float(t[:-1]) * 60, "seconds"
+        elif t.endswith("s"):
+            value, kind = float(t[:-1]), "seconds"
+        else:
+            value, kind = int(t), "steps"
+    except ValueError:
+        value, kind = -1, None
+    if not value > 0:
+        raise GenlabError(f"--checkpoint-every takes a number of steps (500) or a time (90s, "
+                          f"10m), got {text!r}")
+    return kind, value
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -220,9 +279,9 @@ def _find_bad_site(system, args, data_size) -> str:
                 lp = site["fn"].log_prob(site["value"])
                 if not torch.isfinite(lp).all() or not torch.isfinite(site["value"]).all():
                     return f"{where} site {name!r}"
-    for name, p in pyro.get_param_store().named_parameters():
-        if not torch.isfinite(p).all():
-            return f"parameter {name!r}"
+    bad = _non_finite_parameter()
+    if bad is not None:
+        return f"parameter {bad!r}"
     return "no site was non-finite on re-evaluation"
 
 
@@ -267,6 +326,7 @@ class LoopState:
     best_val: float = -math.inf
     bad_epochs: int = 0
     stopped_early: bool = False
+    first_elbo: Optional[float] = None  # the first step's objective (divergence reference)
 
     def saved(self) -> dict:
         d = {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -279,6 +339,8 @@ class LoopState:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         st = cls(**known)
         st.steps = [StepRow.load(r) for r in st.steps]
+        if st.first_elbo is None and st.steps:  # checkpoints written before it was recorded
+            st.first_elbo = st.steps[0].train_elbo
         return st
 
 
@@ -288,6 +350,7 @@ class RunResult:
     metrics: list
     steps: list  # StepRow
     stopped_early: bool = False
+    notes: list = field(default_factory=list)  # what happened that was not asked for
 
 
 def _write_tables(out: Path, metrics: list, steps: list, written: Optional[dict] = None) -> None:
@@ -335,6 +398,39 @@ def sigint_requests_stop():
         signal.signal(signal.SIGINT, old)
 
 
+class RunLock:
+    """An OS lock (``flock``) on ``RUN_DIR/.lock``, held while a process trains into the run:
+    a second writer is refused in one sentence; the OS releases the lock when the process
+    exits or dies, so a crash never leaves the run locked."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            self.fd = None
+            raise GenlabError(f"{out} is being written by another process (pid {holder}); wait "
+                              "for it to finish or stop it before training into this run") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _non_finite_parameter() -> Optional[str]:
+    for name, p in pyro.get_param_store().named_parameters():
+        if not torch.isfinite(p).all():
+            return name
+    return None
+
+
 class Trainer:
     """One run's training, in named steps: :meth:`__init__` (set up or restore),
     :meth:`run_epoch`, :meth:`validate`, :meth:`checkpoint`; :func:`train` drives them."""
@@ -344,17 +440,35 @@ class Trainer:
         cfg.check()
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.ckpt_path = self.out / CHECKPOINT
+        self.notes: list = []  # what the run did that the user did not ask for, said once
+        if not resume:
+            self.out.mkdir(parents=True, exist_ok=True)
+        elif not self.out.is_dir():
+            raise GenlabError(f"{self.out} holds no run to resume")
+        self.lock = RunLock(self.out)  # one writer per run directory
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, resume: bool) -> None:
+        cfg = self.cfg
         state = self._previous_state(resume)
         self.spec = get_system(cfg.system)
-        self.out.mkdir(parents=True, exist_ok=True)
-        _atomic_text(self.out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-
         pyro.set_rng_seed(cfg.seed)
         self.device = torch.device(cfg.device)
         data = self.spec.load_data(cfg)
         train_set, valid_set = data.train, data.valid
+        if cfg.limit is not None and cfg.limit > len(train_set):
+            self.notes.append(f"--limit {cfg.limit} exceeds the {len(train_set)} training "
+                              f"datapoints; using all {len(train_set)} (recorded as such)")
+            cfg.limit = len(train_set)
         if cfg.limit is not None:
             train_set = train_set.head(cfg.limit)
+        if cfg.valid_limit is not None:
+            valid_set = valid_set.head(cfg.valid_limit)
+        _atomic_text(self.out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         self.train_set, self.valid_set = train_set.to(self.device), valid_set.to(self.device)
         self.system = self.spec.build(cfg).to(self.device)
         self.objective = Objective(cfg.loss, cfg.k)
@@ -367,17 +481,49 @@ class Trainer:
         if state is None:
             self.st = LoopState()
         else:
-            self.opt.load_state_dict(state["optimizer"])
-            self.sched.load_state_dict(state["scheduler"])
-            pyro.util.set_rng_state(state["rng"])
-            self.shuffle_gen.set_state(state["shuffle_rng"])
-            self.bin_gen.set_state(state["binarize_rng"])
-            self.st = LoopState.load(state["loop"])
+            self._restore_loop(state)
         self._written: dict = {}
         self.step_metrics = getattr(self.system, "step_metrics", None)
         self.batches = (self.n + cfg.batch_size - 1) // cfg.batch_size
+        self.every_kind, self.every = checkpoint_interval(cfg.checkpoint_every)
+        self._last_save = time.monotonic()
         if state is None:
             self.checkpoint("epoch_0.pt" if 0 in cfg.keep_epochs else None)
+
+    def _restore_loop(self, state: dict) -> None:
+        """Optimizer, schedule, every RNG and the loop position from a checkpoint; a learning
+        rate changed on ``--resume`` takes effect from here (the schedule continues from it)."""
+        cfg = self.cfg
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        pyro.util.set_rng_state(state["rng"])
+        self.shuffle_gen.set_state(state["shuffle_rng"])
+        self.bin_gen.set_state(state["binarize_rng"])
+        self.st = LoopState.load(state["loop"])
+        old_lr = (state.get("config") or {}).get("lr", cfg.lr)
+        if old_lr != cfg.lr:
+            now = cfg.lr * cfg.lr_decay ** self.st.epoch
+            for g in self.opt.param_groups:
+                g["lr"] = now
+            self.sched.base_lrs = [cfg.lr] * len(self.opt.param_groups)
+            self.notes.append(f"learning rate changed from {old_lr:g} to {cfg.lr:g} at epoch "
+                              f"{self.st.epoch + 1}, step {self.st.step}")
+        if self.st.epoch < cfg.epochs:
+            self._retire_results()
+
+    def _retire_results(self) -> None:
+        """Evaluation results and figures describe the parameters they were made from: once
+        training continues they are stale, so they move to ``stale-epoch<E>/``."""
+        old = [p for pat in ("eval_*", "ais_*", "bdmc*", "classifier_*", "figures")
+               for p in self.out.glob(pat)]
+        if not old:
+            return
+        dest = self.out / f"stale-epoch{self.st.epoch}"
+        dest.mkdir(exist_ok=True)
+        for p in old:
+            os.replace(p, dest / p.name)
+        self.notes.append(f"moved {len(old)} earlier result(s) made at epoch {self.st.epoch} "
+                          f"to {dest} (training continues, so they no longer describe the run)")
 
     def _previous_state(self, resume: bool) -> Optional[dict]:
         if resume:
@@ -419,6 +565,7 @@ class Trainer:
 
     def checkpoint(self, extra_name: Optional[str] = None) -> None:
         """``checkpoint.pt`` (and ``extra_name``), atomically, with the tables."""
+        self._last_save = time.monotonic()
         snap = self.snapshot()
         atomic_save(snap, self.ckpt_path)
         _write_tables(self.out, self.st.metrics, self.st.steps, self._written)
@@ -442,25 +589,58 @@ class Trainer:
                 f"non-finite loss ({value}) at epoch {st.epoch + 1}, step {st.step} "
                 f"(global step {st.global_step}), {where}; the last good checkpoint is {self.ckpt_path}"
             )
+        per_point = -value / n
+        if st.first_elbo is None:
+            st.first_elbo = per_point
+        self._check_absurd(per_point, "the step's objective")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        per_point = -value / n
         extra = None
         if self.step_metrics is not None:  # the system's own per-step diagnostics
             with torch.no_grad():
-                extra = self.step_metrics(*args)
+                try:
+                    extra = self.step_metrics(*args)
+                except (ValueError, RuntimeError):  # e.g. a distribution given NaN parameters
+                    bad = _non_finite_parameter()
+                    if bad is None:
+                        raise
+                    raise Diverged(
+                        f"the step at epoch {st.epoch + 1}, step {st.step} made parameter "
+                        f"{bad!r} non-finite; the last good checkpoint is {self.ckpt_path}; "
+                        "continue with --resume and a smaller --lr") from None
         st.steps.append(StepRow(st.global_step, st.epoch + 1, per_point, extra))
         st.loss_sum += per_point * len(idx)
         st.step += 1
         st.global_step += 1
         return per_point
 
+    def _check_absurd(self, value: float, what: str) -> None:
+        """Finite but absurd divergence: an objective (nats/pt) below
+        ``first - F * max(1, |first|)``, where ``first`` is the first step's objective and F is
+        ``--divergence-factor`` (1000): training never legitimately gets a thousand times
+        worse than its random initialization."""
+        first, f = self.st.first_elbo, self.cfg.divergence_factor
+        if first is None or not math.isfinite(value):
+            return
+        bound = first - f * max(1.0, abs(first))
+        if value < bound:
+            raise Diverged(
+                f"{what} fell to {value:.4g} nats/pt at epoch {self.st.epoch + 1}, step "
+                f"{self.st.step}, below {bound:.4g} (the first step's {first:.4g} minus "
+                f"{f:g} x max(1, |first|)): training diverged; the last good checkpoint is "
+                f"{self.ckpt_path}; continue with --resume and a smaller --lr")
+
+    def _maybe_checkpoint(self) -> None:
+        """``--checkpoint-every``: a mid-epoch checkpoint every N steps or T seconds."""
+        if self.every_kind == "steps" and self.st.global_step % self.every == 0:
+            self.checkpoint()
+        elif self.every_kind == "seconds" and time.monotonic() - self._last_save >= self.every:
+            self.checkpoint()
+
     def run_epoch(self, stop: dict, stop_after_steps: Optional[int] = None) -> None:
         """The rest of the current epoch (from ``st.step``); saves and raises
         :class:`Interrupted` when ``stop["stop"]`` is set or after ``stop_after_steps``."""
-        from tqdm import tqdm  # noqa: PLC0415  (tqdm only when training)
-
         st, cfg = self.st, self.cfg
         if st.perm is None:
             st.perm = torch.randperm(self.n, generator=self.shuffle_gen)
@@ -479,6 +659,8 @@ class Trainer:
             idx = st.perm[st.step * cfg.batch_size : (st.step + 1) * cfg.batch_size]
             per_point = self.step(idx)
             done += 1
+            if st.step < self.batches:  # the epoch's end checkpoints anyway
+                self._maybe_checkpoint()
             bar.update(1)
             bar.set_postfix_str(f"elbo {per_point:.2f} nats/pt")
         bar.close()
@@ -496,6 +678,8 @@ class Trainer:
     def end_epoch(self, val: float, seconds: float) -> bool:
         """Record the epoch, checkpoint it, keep the best; True when early stopping fires."""
         st, cfg = self.st, self.cfg
+        self._check_absurd(st.loss_sum / self.n, "the epoch's training objective")
+        self._check_absurd(val, "the validation ELBO")
         lr = self.opt.param_groups[0]["lr"]
         self.sched.step()
         st.metrics.append(dict(epoch=st.epoch + 1, train_elbo=st.loss_sum / self.n, val_elbo=val,
@@ -522,8 +706,19 @@ class Trainer:
         return False
 
     def run(self, stop_after_steps: Optional[int] = None) -> RunResult:
+        try:
+            return self._run(stop_after_steps)
+        finally:
+            self.lock.release()
+
+    def _run(self, stop_after_steps: Optional[int] = None) -> RunResult:
         stopped_early = False
         left = stop_after_steps
+        if self.st.epoch >= self.cfg.epochs:
+            self.notes.append(f"the run already has {self.st.epoch} epochs (asked for "
+                              f"{self.cfg.epochs}): nothing was trained")
+        for note in self.notes:  # said even with --quiet: these are not progress
+            print(f"note: {note}", file=sys.stderr, flush=True)
         with sigint_requests_stop() as stop:
             while self.st.epoch < self.cfg.epochs:
                 t0 = time.perf_counter()
@@ -534,7 +729,7 @@ class Trainer:
                 if self.end_epoch(val, time.perf_counter() - t0):
                     stopped_early = True
                     break
-        return RunResult(self.out, self.st.metrics, self.st.steps, stopped_early)
+        return RunResult(self.out, self.st.metrics, self.st.steps, stopped_early, self.notes)
 
 
 def train(

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.common import GenlabError, check_binary, data_plate, mlp
+from models.vae import vae_args
 
 NUM_CLASSES = 10
 
@@ -116,8 +117,6 @@ class CVAE(nn.Module):
 
 def build_cvae(latent_dim=None, hidden=None, activation=None, preset=None) -> CVAE:
     """A CVAE with the VAE's argument names (presets are the VAE's)."""
-    from models.vae import vae_args
-
     args = vae_args(preset=preset, latent_dim=latent_dim, hidden=hidden, activation=activation)
     args.pop("preset")
     return CVAE(**args)
