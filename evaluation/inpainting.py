@@ -242,7 +242,7 @@ def exact_inpaint(gru, x: torch.Tensor, missing, num_samples: int = 8,
     log_joint = torch.empty(n * V, dtype=torch.float64)
     for s in range(0, n * V, rows):
         c = cand[s : s + rows]
-        lg, _ = gru.run(c[:, f : T - 1], h[:, s : s + rows].contiguous())
+        lg = _run(gru, c[:, f : T - 1], h[:, s : s + rows].contiguous())
         lg = torch.cat([first[s : s + rows].unsqueeze(-1), lg], 1)
         lp = -F.binary_cross_entropy_with_logits(lg, c[:, f:].to(lg.dtype), reduction="none").sum(-1)
         log_joint[s : s + rows] = lp.double()
@@ -259,6 +259,14 @@ def exact_inpaint(gru, x: torch.Tensor, missing, num_samples: int = 8,
     return InpaintResult("exact", x.cpu(), miss.cpu(), pixel_prob.cpu(), mode.cpu(),
                          "the most probable completion (exact)", samples.cpu(),
                          log_obs.cpu().numpy(), nan, nan.copy(), V)
+
+
+def _run(gru, inputs: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The GRU's logits after each of ``inputs`` ``(B, S)``; ``(B, 0)`` when S = 0 (the span
+    ends at the image's last pixel, where an RNN refuses an empty sequence)."""
+    if inputs.shape[1] == 0:
+        return h.new_zeros(inputs.shape[0], 0)
+    return gru.run(inputs, h)[0]
 
 
 # ----------------------------------------------------------------------------- IS / SMC
@@ -326,7 +334,7 @@ def importance_inpaint(gru, x: torch.Tensor, missing, num_particles: int = 500, 
         rows = max(1, int(memory // per_row))
         tail = torch.empty(K * n, dtype=torch.float64)
         for s in range(0, K * n, rows):
-            lg, _ = gru.run(xs[s : s + rows, last + 1 : T - 1], h[:, s : s + rows].contiguous())
+            lg = _run(gru, xs[s : s + rows, last + 1 : T - 1], h[:, s : s + rows].contiguous())
             lg = torch.cat([logit[s : s + rows].unsqueeze(-1), lg], 1)
             tail[s : s + rows] = _bern_lp(lg, xs[s : s + rows, last + 1 :]).sum(-1).double()
         lw += tail
