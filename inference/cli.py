@@ -72,9 +72,9 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
             if key in RESUMABLE:
                 setattr(cfg, key, value)
             elif key in {f.name for f in fields(cfg)} and value != getattr(cfg, key):
-                raise GenlabError(f"--{key.replace('_', '-')} {value} differs from the run's "
-                                  f"{getattr(cfg, key)}; only {', '.join(_flag(k) for k in RESUMABLE)} "
-                                  "may change on --resume")
+                allowed = ", ".join(_flag(k) for k in RESUMABLE[:-1]) + " and " + _flag(RESUMABLE[-1])
+                raise GenlabError(f"{_flag(key)} {value} differs from the run's "
+                                  f"{getattr(cfg, key)}; only {allowed} may change on --resume")
             elif key in sys_names + data_names:
                 saved_value = (cfg.system_args if key in sys_names else cfg.data_args).get(key)
                 if value != saved_value:
