@@ -62,8 +62,8 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
-from tqdm import tqdm
 
+from inference.progress import progress as progress_bar
 from models.common import GenlabError
 
 #: Default memory budget of one estimator call, bytes.
@@ -648,8 +648,7 @@ def estimate_log_marginal(
     n_parts = len(chunks) * math.ceil(K / kb)
 
     outs = []
-    bar = tqdm(total=len(chunks), desc=f"IWAE K={K}", unit="chunk", leave=False,
-               disable=None if progress else True)
+    bar = progress_bar(len(chunks), f"IWAE K={K}", bool(progress), unit="chunks")
     t0, done = time.perf_counter(), 0
     with torch.no_grad():
         for start in chunks:

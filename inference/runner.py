@@ -41,9 +41,9 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
-from tqdm import tqdm
 
 from inference.losses import LOSSES, make_loss
+from inference.progress import progress
 from inference.systems import epoch_list, get_system
 from models.common import GenlabError, option
 
@@ -645,8 +645,8 @@ class Trainer:
         if st.perm is None:
             st.perm = torch.randperm(self.n, generator=self.shuffle_gen)
             st.loss_sum = 0.0
-        bar = tqdm(total=self.batches, initial=st.step, disable=self.progress is False or None,
-                   desc=f"{cfg.system} epoch {st.epoch + 1}/{cfg.epochs}", leave=False)
+        bar = progress(self.batches, f"{cfg.system} epoch {st.epoch + 1}/{cfg.epochs}",
+                       self.progress is not False, unit="steps", initial=st.step)
         self.system.train()
         done = 0
         while st.step < self.batches:

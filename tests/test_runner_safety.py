@@ -138,3 +138,18 @@ def test_resume_moves_stale_results_aside_and_says_what_happened(tmp_path, capsy
     assert not (out / "eval_test.json").exists()
     assert (out / "stale-epoch1" / "eval_test.json").exists()
     assert (out / "stale-epoch1" / "figures").is_dir()
+
+
+def test_a_piped_log_gets_periodic_progress_lines_with_an_eta():
+    import io
+
+    from inference.progress import LineProgress
+
+    buf = io.StringIO()
+    bar = LineProgress(4, "job", "steps", every=0.0, stream=buf)
+    for _ in range(4):
+        bar.update(1)
+    bar.close()
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("job: 1/4 steps (25 %), ") and ", ETA " in lines[0]
+    assert lines[-1].startswith("job: 4/4 steps (100 %)")
