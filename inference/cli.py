@@ -9,6 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from inference.runner import RunConfig, train
+from inference.schedules import get_schedule
 from inference.systems import SYSTEMS, add_config_arguments, get_system
 from models.common import GenlabError, config_defaults
 
@@ -84,6 +85,11 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     values = {k: given.get(k, v) for k, v in config_defaults(RunConfig).items()
               if k not in _NOT_FLAGS + ("data_dir",)}
     values["loss"] = given.get("loss") or spec.default_loss
+    if given.get("schedule"):  # the schedule's length and batch, unless given explicitly
+        sched = get_schedule(given["schedule"], given.get("passes"))
+        values["epochs"] = given.get("epochs", sched.epochs)
+        values["batch_size"] = given.get("batch_size", sched.batch_size)
+        values["lr"] = sched.lr(0)
     system_args = spec.resolve({k: given.get(k) for k in sys_names})
     data_args = spec.resolve_data({k: given.get(k, d) for k, d in spec.data_defaults().items()})
     return RunConfig(system=ns.system, system_args=system_args, data_args=data_args,

@@ -44,6 +44,7 @@ from pyro.poutine.util import site_is_subsample
 
 from inference.losses import LOSSES, make_loss
 from inference.progress import progress
+from inference.schedules import SCHEDULES, get_schedule
 from inference.systems import epoch_list, get_system
 from models.common import GenlabError, option
 
@@ -95,6 +96,13 @@ class RunConfig:
     checkpoint_every: Optional[str] = option(None, "also checkpoint inside epochs: every N "
                                              "steps (e.g. 500) or every T seconds/minutes "
                                              "(e.g. 90s, 10m); resuming stays exact")
+    schedule: Optional[str] = option(None, "a named optimization schedule that sets the "
+                                     "optimizer and every epoch's learning rate (and, unless "
+                                     "given, --epochs and --batch-size): burda = the IWAE "
+                                     "paper's (Adam eps 1e-4, batch 20, 3,280 passes)",
+                                     choices=SCHEDULES)
+    passes: Optional[int] = option(None, "with --schedule: compress its shape into N epochs "
+                                   "(default: its full length)")
     divergence_factor: float = option(1000.0, "stop (exit 3) when the epoch's objective or "
                                       "validation ELBO falls below first - F * max(1, |first|) "
                                       "nats/pt, first = the first step's objective")
@@ -123,6 +131,17 @@ class RunConfig:
         if not self.divergence_factor > 0:
             raise GenlabError(f"--divergence-factor must be positive, got {self.divergence_factor}")
         checkpoint_interval(self.checkpoint_every)
+        if self.schedule is not None:
+            s = get_schedule(self.schedule, self.passes)
+            if self.optimizer != "adam":
+                raise GenlabError(f"--schedule {self.schedule} sets its own optimizer (Adam); "
+                                  f"drop --optimizer {self.optimizer}")
+            if self.epochs > s.epochs:
+                print(f"note: --epochs {self.epochs} runs past the {s.epochs} epochs of "
+                      f"--schedule {self.schedule}; the extra epochs keep its last rate",
+                      file=sys.stderr)
+        elif self.passes is not None:
+            raise GenlabError("--passes compresses a --schedule; give one (e.g. --schedule burda)")
 
     @classmethod
     def read(cls, run_dir) -> "RunConfig":
@@ -549,6 +568,11 @@ class Trainer:
                                                 torch.Generator().manual_seed(0))
             self.objective(system.model, system.guide, probe_args, self.n)
         params = [p for _, p in sorted(pyro.get_param_store().named_parameters())]
+        if cfg.schedule is not None:  # a named schedule fixes the optimizer and every epoch's lr
+            s = get_schedule(cfg.schedule, cfg.passes)
+            self.opt = torch.optim.Adam(params, lr=s.lr(0), **s.adam)
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, s.lr_factor)
+            return
         if cfg.optimizer == "adam":
             self.opt = torch.optim.Adam(params, lr=cfg.lr)
         else:

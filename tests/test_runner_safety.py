@@ -153,3 +153,18 @@ def test_a_piped_log_gets_periodic_progress_lines_with_an_eta():
     lines = buf.getvalue().splitlines()
     assert lines[0].startswith("job: 1/4 steps (25 %), ") and ", ETA " in lines[0]
     assert lines[-1].startswith("job: 4/4 steps (100 %)")
+
+
+def test_a_named_schedule_sets_every_epochs_learning_rate_and_adams_settings(tmp_path):
+    from inference.schedules import get_schedule
+
+    s = get_schedule("burda", 4)
+    train(hetero(schedule="burda", passes=4, epochs=4, batch_size=20), tmp_path / "r",
+          progress=False)
+    assert [m["lr"] for m in read_metrics(tmp_path / "r")] == pytest.approx(s.lrs(), rel=1e-12)
+    state = __import__("torch").load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    assert state["optimizer"]["param_groups"][0]["eps"] == 1e-4
+    with pytest.raises(GenlabError, match="--passes compresses a --schedule"):
+        hetero(passes=3).check()
+    with pytest.raises(GenlabError, match="sets its own optimizer"):
+        hetero(schedule="burda", optimizer="clipped_adam").check()
