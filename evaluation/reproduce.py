@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from inference.runner import CHECKPOINT, RunConfig, load_checkpoint, read_metrics, train_if_missing
@@ -155,7 +156,7 @@ def run_key(cell: Cell, share_k1: bool = True) -> str:
 
 def cell_config(cell: Cell, budget: Optional[int], iwae_loss: str = "IWAE", seed: int = 0,
                 limit: Optional[int] = None, device: str = "cpu",
-                data_dir: Optional[str] = None) -> tuple:
+                data_dir: Optional[str] = None, valid_limit: Optional[int] = None) -> tuple:
     """``(RunConfig, schedule description)`` of a cell trained for ``budget`` passes
     (None: the paper's 3,280)."""
     system, preset = ARCH[cell.layers]
@@ -167,6 +168,8 @@ def cell_config(cell: Cell, budget: Optional[int], iwae_loss: str = "IWAE", seed
                     epochs=sched.epochs, batch_size=sched.batch_size, lr=1e-3, loss=loss,
                     k=cell.k, limit=limit, seed=seed, device=device, data_dir=data_dir)
     fields = RunConfig.__dataclass_fields__
+    if valid_limit is not None and "valid_limit" in fields:  # smoke runs: validate on fewer
+        cfg.valid_limit = valid_limit
     if "schedule" in fields and "passes" in fields:  # the runner knows named schedules
         cfg.schedule, cfg.passes = "burda", sched.epochs
         return cfg, sched.describe()
@@ -257,17 +260,38 @@ def _au(record: dict) -> str:
     return "+".join(str(units[k]) for k in sorted(units))
 
 
+def _per_image(record: dict) -> Optional[np.ndarray]:
+    """The run's per-image IWAE values at K (from its ``eval_test.npz``), or None."""
+    path = Path(record["run"]) / "eval_test.npz"
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        key = f"iwae_{record['k_eval']}"
+        return np.asarray(z[key], dtype=float) if key in z.files else None
+
+
+def _difference(a: dict, b: dict) -> tuple:
+    """``(mean of a - b, its standard error, paired)``: paired over the same test images when
+    both runs' per-image values are at hand (the spread subset is the same for every run),
+    else from the two standard errors."""
+    xa, xb = _per_image(a), _per_image(b)
+    if xa is not None and xb is not None and xa.shape == xb.shape and xa.size > 1:
+        d = xa - xb
+        return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)), True
+    return a["log_px"] - b["log_px"], math.hypot(a["se"], b["se"]), False
+
+
 def ordering(rows: dict) -> list:
     """Table 1's orderings checked on the measured values: (claim, verdict) pairs."""
     def v(layers, obj, k):
-        r = rows.get(Cell(layers, obj, k).key)
-        return None if r is None else (r["log_px"], r["se"])
+        return rows.get(Cell(layers, obj, k).key)
 
     def cmp(a, b) -> str:
         if a is None or b is None:
             return "not run"
-        diff, se = a[0] - b[0], math.hypot(a[1], b[1])
-        return f"{'holds' if diff > 0 else 'fails'} ({diff:+.2f} nats, ±{se:.2f})".replace("-", "−")
+        diff, se, paired = _difference(a, b)
+        return (f"{'holds' if diff > 0 else 'fails'} ({diff:+.2f} ± {se:.2f} nats"
+                f"{', paired over the same images' if paired else ''})").replace("-", "−")
 
     out = []
     for layers in (1, 2):
@@ -282,7 +306,7 @@ def ordering(rows: dict) -> list:
         if None in (a, b, c, d):
             verdict = "not run"
         else:
-            gi, gv = a[0] - b[0], c[0] - d[0]
+            gi, gv = a["log_px"] - b["log_px"], c["log_px"] - d["log_px"]
             verdict = (f"{'holds' if gi > gv else 'fails'} (IWAE gains {gi:+.2f}, "
                        f"VAE {gv:+.2f} nats from k = 1 to 50)").replace("-", "−")
         out.append((f"{layers} layer(s): k helps IWAE more than VAE", verdict))
@@ -323,7 +347,8 @@ def render(records: dict, cells: Sequence[Cell], meta: dict, skipped: dict) -> s
             f"{head} {_fmt(r['log_px'])} ± {_fmt(r['se'])}{shared} | {_fmt(p_val)} | "
             f"{_fmt(r['log_px'] - p_val)} | {_au(r)} ({p_au}) | {r['epochs']} | "
             f"{r['budget']} | {r['train_seconds']:.0f} | {r['device']} |")
-    lines += ["", "Table 1's orderings, on the measured values (difference ± combined s.e.):", ""]
+    lines += ["", "Table 1's orderings, on the measured values (difference ± its standard error):",
+              ""]
     lines += [f"- {claim}: {verdict}" for claim, verdict in ordering(records)]
     lines += ["", "Active units: Cov_x(E_q[u]) > 10⁻² per stochastic layer (z, or z1+z2), on the "
               "evaluated test images; the z2 inner expectation averages 100 draws of z1.", "",
@@ -342,7 +367,7 @@ def reproduce(out_dir="runs/reproduce", budget: Optional[int] = None, cells=None
               seed: int = 0, device: str = "cpu", data_dir: Optional[str] = None,
               iwae_loss: str = "IWAE", share_k1: bool = True, train: bool = True,
               results: Optional[str] = None, progress: bool = False, memory_gb: float = 1.0,
-              command: Optional[str] = None) -> dict:
+              command: Optional[str] = None, valid_limit: Optional[int] = None) -> dict:
     """Train what is missing, evaluate, and write RESULTS.md (``results``; default
     ``OUT/RESULTS.md``).  ``cells``: Cell objects or keys (default all).  ``train=False``
     only tabulates cells whose runs already hold the budget's epochs.  Returns the records."""
@@ -361,7 +386,7 @@ def reproduce(out_dir="runs/reproduce", budget: Optional[int] = None, cells=None
     for cell in cells:
         rkey = run_key(cell, share_k1)  # the cell whose run this cell reads
         cfg, schedule = cell_config(Cell.parse(rkey), budget, iwae_loss, seed, limit, device,
-                                    data_dir)
+                                    data_dir, valid_limit)
         run_dir = out / rkey
         train_cmd, eval_cmd = commands(cell, cfg, run_dir, k_eval, eval_limit, seed)
         if rkey in by_run:
@@ -408,6 +433,8 @@ def main(argv=None) -> int:
     p.add_argument("--k-eval", type=int, default=5000, help="importance samples per test image")
     p.add_argument("--eval-limit", type=int, help="evaluate N test images spread through the set")
     p.add_argument("--limit", type=int, help="train on the first N training images (smoke runs)")
+    p.add_argument("--valid-limit", type=int, help="validate each epoch on N images only "
+                   "(smoke runs; needs a runner with RunConfig.valid_limit)")
     p.add_argument("--iwae-loss", default="IWAE", choices=("IWAE", "DReG"),
                    help="gradient estimator of the IWAE cells (default IWAE)")
     p.add_argument("--no-share-k1", action="store_true", help="train *-iwae-k1 separately")
@@ -422,7 +449,7 @@ def main(argv=None) -> int:
     try:
         reproduce(a.out, a.budget, a.cells, a.k_eval, a.eval_limit, a.limit, a.seed, a.device,
                   a.data_dir, a.iwae_loss, not a.no_share_k1, not a.no_train, a.results,
-                  a.progress, a.memory_gb, command.strip())
+                  a.progress, a.memory_gb, command.strip(), a.valid_limit)
     except GenlabError as e:
         print(f"reproduce: error: {e}", file=sys.stderr)
         return e.exit_code

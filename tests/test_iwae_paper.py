@@ -4,6 +4,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -288,10 +289,10 @@ def test_reproduce_smoke_writes_results_from_its_runs(tmp_path, data_dir, monkey
     monkeypatch.setattr(runner_module.Trainer, "validate", lambda self: float("nan"))
     out = tmp_path / "runs"
     results = tmp_path / "RESULTS.md"
-    recs = R.reproduce(out, budget=1, cells="1L-vae-k1,1L-iwae-k1,2L-iwae-k5", k_eval=8,
+    recs = R.reproduce(out, budget=1, cells="1L-vae-k1,1L-iwae-k1,2L-vae-k1,2L-iwae-k5", k_eval=8,
                        eval_limit=10, limit=40, data_dir=data_dir, results=str(results))
     text = results.read_text()
-    assert set(recs) == {"1L-vae-k1", "1L-iwae-k1", "2L-iwae-k5"}
+    assert set(recs) == {"1L-vae-k1", "1L-iwae-k1", "2L-vae-k1", "2L-iwae-k5"}
     for key in ("1L-vae-k1", "2L-iwae-k5"):
         ev = json.loads((out / key / "eval_test.json").read_text())
         metrics = runner_module.read_metrics(out / key)
@@ -304,6 +305,13 @@ def test_reproduce_smoke_writes_results_from_its_runs(tmp_path, data_dir, monkey
     row = next(line for line in text.splitlines() if line.startswith("| `1L-iwae-k1`"))
     assert "(run of `1L-vae-k1`)" in row
     assert re.search(r"\| `2L-vae-k50` .*not run", text)
+    # the ordering lines: paired differences over the same 10 images, from the runs' npz files
+    a, b = (np.load(out / key / "eval_test.npz")["iwae_8"] for key in ("2L-vae-k1", "1L-vae-k1"))
+    d = a - b
+    line = next(ln for ln in text.splitlines() if ln.startswith("- VAE, k = 1: 2 layers above 1"))
+    want = f"({d.mean():+.2f} ± {d.std(ddof=1) / math.sqrt(d.size):.2f} nats, paired"
+    assert want.replace("-", "−") in line and ("holds" in line) == (d.mean() > 0)
+    assert "1 layer(s), k = 5: IWAE above VAE: not run" in text
     # resumable and cached: a second call trains and evaluates nothing new
     mtime = (out / "2L-iwae-k5" / "eval_test.json").stat().st_mtime
     R.reproduce(out, budget=1, cells="2L-iwae-k5", k_eval=8, eval_limit=10, limit=40,
