@@ -77,9 +77,9 @@ from pyro.distributions.util import scale_and_mask
 from pyro.ops.integrator import potential_grad, velocity_verlet
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
-from tqdm import tqdm
 
 from inference.importance import DEFAULT_MEMORY, probe
+from inference.progress import progress as progress_bar
 from models.common import GenlabError
 
 SCHEDULES = ("sigmoid", "linear", "geometric")
@@ -563,8 +563,8 @@ def _run(model, guide, args, kwargs, *, num_chains, num_steps, schedule_kind, in
     chunks = list(range(0, n_all, nb)) if split else [0]
     groups = list(range(0, C, cb))
     t0 = time.perf_counter()
-    bar = tqdm(total=len(chunks) * len(groups) * (pilot + max(T - 1, 0)), unit="step",
-               desc=f"{desc} C={C} T={T}", leave=False, disable=None if progress else True)
+    bar = progress_bar(len(chunks) * len(groups) * (pilot + max(T - 1, 0)),
+                       f"{desc} C={C} T={T}", bool(progress), unit="steps")
     res = []
     for c0 in chunks:
         if split:
@@ -685,3 +685,144 @@ def bdmc(model, guide, *args, num_chains: int = 16, num_steps: int = 500, n: Opt
     rev = _run(model, guide, sim_args, kwargs, start=latent, direction="reverse",
                desc="BDMC reverse", **opts)
     return BDMCResult(fwd.log_marginal, rev.log_marginal, fwd.se, rev.se, fwd, rev, sim_args)
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(parser) -> None:
+    """The AIS/BDMC options of ``python -m evaluation RUN_DIR``."""
+    parser.add_argument("--estimator", choices=("iwae", "ais"), default="iwae",
+                        help="iwae (default): importance sampling with the guide; ais: annealed "
+                        "importance sampling, saved beside IWAE-K and the ELBO on the same images "
+                        "in RUN_DIR/ais_<split>.npz")
+    parser.add_argument("--chains", type=int, default=16, help="AIS chains per datapoint (16)")
+    parser.add_argument("--steps", type=int, default=1000,
+                        help="AIS annealing steps T (default 1000)")
+    parser.add_argument("--leapfrog", type=int, default=5,
+                        help="leapfrog steps per HMC transition (default 5)")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="sigmoid",
+                        help="inverse-temperature schedule (default sigmoid)")
+    parser.add_argument("--bdmc", action="store_true",
+                        help="bidirectional Monte Carlo on data simulated from the model: "
+                        "stochastic lower and upper bounds of log p(x), in RUN_DIR/bdmc.npz")
+    parser.add_argument("--n", type=int, default=100,
+                        help="with --bdmc: datapoints to simulate (default 100)")
+
+
+def _ms(a) -> dict:
+    a = np.asarray(a, dtype=float)
+    se = float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else float("nan")
+    return {"mean": float(a.mean()), "se": se}
+
+
+_EVAL_DEFAULTS = dict(k=[1, 10, 100, 1000, 5000], split="test", limit=None, spread=False, seed=0,
+                      memory_gb=1.0, data_dir=None, device=None, checkpoint=None, json=False)
+
+
+def _options(ns) -> dict:
+    """The evaluation's shared options from the namespace; a flag left unset (None) takes the
+    default of ``evaluation.api.EvalOptions`` where it exists."""
+    defaults = dict(_EVAL_DEFAULTS)
+    try:
+        import dataclasses
+
+        from evaluation.api import EvalOptions
+
+        for f in dataclasses.fields(EvalOptions):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = f.default_factory()
+    except ImportError:
+        pass
+    out = {}
+    for name, d in defaults.items():
+        v = getattr(ns, name, None)
+        out[name] = d if v is None else v
+    return out
+
+
+def run_from_cli(ns, run_dir) -> str:
+    """``--estimator ais`` or ``--bdmc``: run it on the run's data, save ``.npz``/``.json`` in
+    the run directory, and return the text to print."""
+    from evaluation.api import describe, load_run
+    from inference.importance import estimate_log_marginal
+    from inference.systems import get_system
+
+    opt = _options(ns)
+    memory_gb, limit = opt["memory_gb"], opt["limit"]
+    if memory_gb <= 0:
+        raise GenlabError(f"--memory-gb must be positive, got {memory_gb}")
+    if limit is not None and limit < 1:
+        raise GenlabError(f"--limit must be a positive integer, got {limit}")
+    run = load_run(run_dir, opt["data_dir"], opt["device"], checkpoint=opt["checkpoint"])
+    cfg, system, data = run
+    split = opt["split"]
+    part = data.split(split).subset(limit, opt["spread"])
+    inputs = get_system(cfg.system).model_inputs(part)
+    if hasattr(system, "check_data"):
+        system.check_data(*inputs)
+    seed = opt["seed"]
+    memory = int(memory_gb * (1 << 30))
+    opts = dict(num_chains=ns.chains, num_steps=ns.steps, leapfrog_steps=ns.leapfrog,
+                schedule=getattr(ns, "schedule", "sigmoid"), memory=memory, progress=True)
+    info = {"run": str(run_dir), "system": cfg.system, "seed": seed,
+            "checkpoint": run.checkpoint.name, "checkpoint_epoch": run.epoch}
+    run_dir = Path(run_dir)
+    pyro.set_rng_seed(seed)
+    if ns.bdmc:
+        res = bdmc(system.model, system.guide, *inputs, n=ns.n, **opts)
+        summary = res.summary() | info
+        res.save(run_dir / "bdmc.npz")
+        (run_dir / "bdmc.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if opt["json"]:
+            return json.dumps(summary)
+        s = summary
+        return "\n".join([
+            describe(cfg),
+            f"BDMC on n = {s['n']} datapoints simulated from the model; {ns.chains} chains, "
+            f"T = {ns.steps} ({s['schedule']}), {ns.leapfrog} leapfrog steps, seed {seed}; "
+            "nats per datapoint, mean ± standard error",
+            f"  {'lower (forward AIS)':<22}{s['lower']['mean']:>12.3f} ± {s['lower']['se']:.3f}",
+            f"  {'upper (reverse AIS)':<22}{s['upper']['mean']:>12.3f} ± {s['upper']['se']:.3f}",
+            f"  {'gap upper - lower':<22}{s['gap']['mean']:>12.3f} ± {s['gap']['se']:.3f}",
+            f"  acceptance {s['accept_rate']['forward']:.2f} forward, "
+            f"{s['accept_rate']['reverse']:.2f} reverse; {s['seconds']:.1f} s",
+            f"saved: {run_dir / 'bdmc.npz'}"])
+    est = ais_log_marginal(system.model, system.guide, *inputs, **opts)
+    ks = sorted(set(opt["k"]))
+    pyro.set_rng_seed(seed)
+    iw = estimate_log_marginal(system.model, system.guide, *inputs, num_samples=ks[-1], ks=ks,
+                               memory=memory, progress=True)
+    K = iw.num_samples
+    diff = est.log_marginal - iw.log_marginal
+    summary = {"split": split, "ais": est.summary(), "elbo": _ms(iw.elbo),
+               "iwae": {int(k): _ms(v) for k, v in sorted(iw.iwae.items())},
+               "ais_minus_iwae": _ms(diff) | {
+                   "median": float(np.median(diff)), "max": float(diff.max()),
+                   "worst": [int(i) for i in np.argsort(-diff)[:10]]}} | info
+    stem = f"ais_{split}"
+    est.save(run_dir / f"{stem}.npz", iwae_log_marginal=iw.log_marginal, elbo=iw.elbo,
+             khat=iw.khat, iwae_num_samples=np.array(K),
+             **{f"iwae_{k}": v for k, v in iw.iwae.items()})
+    (run_dir / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if opt["json"]:
+        return json.dumps(summary)
+    a = summary["ais"]
+    lines = [describe(cfg),
+             f"{split} split, n = {est.n}; AIS with {ns.chains} chains, T = {ns.steps} "
+             f"({a['schedule']}, from the guide), {ns.leapfrog} leapfrog steps, seed {seed}; "
+             "nats per datapoint, mean ± standard error",
+             f"  {'ELBO':<22}{summary['elbo']['mean']:>12.3f} ± {summary['elbo']['se']:.3f}"]
+    for k, v in summary["iwae"].items():
+        lines.append(f"  {f'IWAE k={k}':<22}{v['mean']:>12.3f} ± {v['se']:.3f}")
+    lines += [
+        f"  {'AIS':<22}{a['log_marginal']['mean']:>12.3f} ± {a['log_marginal']['se']:.3f}"
+        f"  (Monte Carlo error of the mean {a['mc_se_mean']:.3f})",
+        f"  {f'AIS - IWAE-{K}':<22}{summary['ais_minus_iwae']['mean']:>12.3f} ± "
+        f"{summary['ais_minus_iwae']['se']:.3f}  (median {summary['ais_minus_iwae']['median']:.3f},"
+        f" max {summary['ais_minus_iwae']['max']:.3f})",
+        f"  acceptance {a['accept_rate']:.2f} (target {a['target_accept']:.2f}); "
+        f"{a['evaluations_per_datapoint']} log-joint evaluations per datapoint; "
+        f"{a['seconds']:.1f} s",
+        f"saved: {run_dir / (stem + '.npz')}"]
+    return "\n".join(lines)
