@@ -6,15 +6,18 @@ of them imports the command line.
 * :func:`load_run` -> :class:`LoadedRun` (config, system with trained parameters, data set,
   the checkpoint file used and its epoch);
 * :func:`evaluate` -> :class:`Evaluation` (the loaded run, the evaluated subset, the
-  importance-sampling estimate and its summary), saved as ``eval_<split>.npz``/``.json``.
+  importance-sampling estimate and its summary), saved as ``eval_<split>.npz``/``.json``;
+* :class:`EvalOptions`: the evaluation's options, the one source of their defaults and help
+  (``python -m evaluation`` generates its flags from it; each report's ``Options`` extends it).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import pyro
 
@@ -22,7 +25,52 @@ from inference.data import Dataset, Split
 from inference.importance import Estimate, estimate_log_marginal
 from inference.runner import BEST, CHECKPOINT, RunConfig, load_checkpoint, restore_params
 from inference.systems import get_system
-from models.common import GenlabError
+from models.common import GenlabError, fill_defaults, option
+
+
+def k_list(text) -> list:
+    """``--k``: comma-separated numbers of importance samples, sorted and deduplicated."""
+    try:
+        ks = sorted({int(v) for v in str(text).split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise argparse.ArgumentTypeError(f"every k must be at least 1, got {text!r}")
+    return ks
+
+
+@dataclass
+class EvalOptions:
+    """What ``python -m evaluation RUN_DIR`` estimates, on which datapoints, with what budget.
+
+    The one source of the evaluation's defaults: the command line's flags and their help are
+    generated from these fields (``inference.systems.add_config_arguments``), and each report
+    declares its own options as a subclass (``evaluation.reports.<name>.Options``).
+    """
+
+    k: list[int] = option([1, 10, 100, 1000, 5000], "numbers of importance samples; the "
+                          "largest is K", parse=k_list)
+    split: str = option("test", "train, valid, test, or an extra split of the run's data "
+                        "(holdout)")
+    limit: Optional[int] = option(None, "only the first N datapoints of the split")
+    spread: bool = option(False, "with --limit: N datapoints spread evenly through the split "
+                          "instead of the first N (binarized-mnist's test file is sorted by class)")
+    seed: int = option(0, "random seed of the estimator and the figures")
+    memory_gb: float = option(1.0, "memory budget of the estimator, GiB")
+    data_dir: Optional[str] = option(None, "data root (default: the run's, else $GENLAB_DATA)")
+    device: Optional[str] = option(None, "torch device (default: the run's)")
+    checkpoint: Optional[str] = option(None, "a checkpoint file of the run, e.g. epoch_5.pt "
+                                       "(default checkpoint.pt; best.pt for runs with --patience)")
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """One clear sentence (GenlabError) for a bad value; subclasses add their own checks."""
+        if self.limit is not None and self.limit < 1:
+            raise GenlabError(f"--limit must be a positive integer, got {self.limit}")
+        if self.memory_gb <= 0:
+            raise GenlabError(f"--memory-gb must be positive, got {self.memory_gb}")
 
 
 @dataclass
@@ -117,33 +165,45 @@ class Evaluation:
         return self.run.data
 
 
-def evaluate(run_dir, ks: Sequence[int], split="test", limit=None, seed=0, memory_gb=1.0,
-             data_dir=None, device=None, checkpoint=None, spread=False) -> Evaluation:
+def evaluate(run_dir, ks=None, split=None, limit=None, seed=None, memory_gb=None,
+             data_dir=None, device=None, checkpoint=None, spread=None) -> Evaluation:
     """Estimate every datapoint of ``split`` (or ``--limit`` of them) by importance sampling
-    with the run's guide; saves ``eval_<split>.npz``/``.json`` in the run directory."""
-    if limit is not None and limit < 1:
-        raise GenlabError(f"--limit must be a positive integer, got {limit}")
-    if memory_gb <= 0:
-        raise GenlabError(f"--memory-gb must be positive, got {memory_gb}")
-    run = load_run(run_dir, data_dir, device, checkpoint=checkpoint)
+    with the run's guide; saves ``eval_<split>.npz``/``.json`` in the run directory.
+
+    Call it as ``evaluate(run_dir, options)`` with an :class:`EvalOptions` (or a report's
+    ``Options``), or with the options as arguments (``evaluate(run_dir, [1, 100], "test",
+    limit=500)``); an argument left out takes :class:`EvalOptions`'s default.
+    """
+    if isinstance(ks, EvalOptions):
+        given = (split, limit, seed, memory_gb, data_dir, device, checkpoint, spread)
+        if any(v is not None for v in given):
+            raise TypeError("evaluate(run_dir, options) takes no further options")
+        o = ks
+    else:
+        o = EvalOptions(**fill_defaults(EvalOptions, dict(
+            k=ks, split=split, limit=limit, seed=seed, memory_gb=memory_gb, data_dir=data_dir,
+            device=device, checkpoint=checkpoint, spread=spread)))
+    o.check()
+    ks = list(o.k)
+    run = load_run(run_dir, o.data_dir, o.device, checkpoint=o.checkpoint)
     cfg, system, data = run
-    part = data.split(split)
-    if limit is not None:
-        part = part.subset(limit, spread)
+    part = data.split(o.split)
+    if o.limit is not None:
+        part = part.subset(o.limit, o.spread)
     inputs = get_system(cfg.system).model_inputs(part)
     if hasattr(system, "check_data"):  # e.g. 0/1 pixels for a Bernoulli likelihood
         system.check_data(*inputs)
-    pyro.set_rng_seed(seed)
+    pyro.set_rng_seed(o.seed)
     est = estimate_log_marginal(system.model, system.guide, *inputs, num_samples=max(ks),
-                                ks=ks, memory=int(memory_gb * (1 << 30)), progress=True)
-    summary = est.summary() | {"split": split, "run": str(run_dir), "system": cfg.system,
-                               "seed": seed}
-    stem = f"eval_{split}" + (f"_{Path(checkpoint).stem}" if checkpoint else "")
+                                ks=ks, memory=int(o.memory_gb * (1 << 30)), progress=True)
+    summary = est.summary() | {"split": o.split, "run": str(run_dir), "system": cfg.system,
+                               "seed": o.seed}
+    stem = f"eval_{o.split}" + (f"_{Path(o.checkpoint).stem}" if o.checkpoint else "")
     summary["checkpoint"] = run.checkpoint.name
     summary["checkpoint_epoch"] = run.epoch
     est.save(Path(run_dir) / f"{stem}.npz")
     (Path(run_dir) / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return Evaluation(run, split, part, est, summary)
+    return Evaluation(run, o.split, part, est, summary)
 
 
 def _short(v) -> str:

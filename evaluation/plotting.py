@@ -1,12 +1,15 @@
 """The shared plotting helpers: titles that say what produced a figure, image grids, saving.
 
 Every figure genlab draws goes through :func:`save` into ``RUN_DIR/figures/<name>.png`` and
-carries a title from :func:`run_title` (system, size, data, estimator settings).
+carries a title from :func:`run_title` (system, size, data, estimator settings).  :func:`save`
+never overwrites an earlier figure: one of the same name is first moved into
+``figures/old/<name>.<its time>.png`` (:func:`take_moved` lists them, for the command line).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,9 +20,22 @@ if not os.environ.get("MPLBACKEND"):
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+OLD = "old"  # the subfolder that receives figures a newer one of the same name replaced
+_moved: list = []
+
+
+def _short(v) -> str:
+    """A recorded value for a title: floats to 6 significant digits (no float32 noise)."""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_short(u) for u in v) + "]"
+    return str(v)
+
 
 def run_title(cfg, extra: str = "") -> str:
-    """'vae d=20 h=[400] relu · mnist/dynamic · Trace_ELBO k=1 · <extra>'."""
+    """'vae d=20 h=[400] relu · mnist/dynamic · Trace_ELBO k=1 · <extra>'; data options other
+    than the data set and its binarization are named (``alpha=[1.3, 1.3] symbols=20``)."""
     a = cfg.system_args
     parts = [cfg.system]
     if "latent_dim" in a:
@@ -30,9 +46,10 @@ def run_title(cfg, extra: str = "") -> str:
         parts.append(str(a["activation"]))
     bits = [" ".join(parts)]
     d = cfg.data_args
-    named = [str(d[k]) for k in ("dataset", "binarization") if d.get(k) is not None]
-    named += [f"{k}={v}" for k, v in d.items() if k not in ("dataset", "binarization") and v is not None]
-    data = "/".join(named[:2]) + (" " + " ".join(named[2:]) if len(named) > 2 else "")
+    data = "/".join(str(d[k]) for k in ("dataset", "binarization") if d.get(k) is not None)
+    others = [f"{k}={_short(v)}" for k, v in d.items()
+              if k not in ("dataset", "binarization") and v is not None]
+    data = " ".join(([data] if data else []) + others)
     if data:
         bits.append(data)
     bits.append(f"{cfg.loss} k={cfg.k}")
@@ -42,15 +59,41 @@ def run_title(cfg, extra: str = "") -> str:
 
 
 def save(fig, run_dir, name: str, subdir: str = "figures") -> Path:
-    """Write ``fig`` to ``RUN_DIR/figures/<name>.png`` (atomically) and close it."""
+    """Write ``fig`` to ``RUN_DIR/figures/<name>.png`` (atomically) and close it.
+
+    An earlier figure of that name is kept: moved to ``figures/old/<name>.<time>.png``, its
+    modification time in the name (see :func:`take_moved`).
+    """
     folder = Path(run_dir) / subdir
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
     tmp = folder / f".{name}.tmp.png"
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    if path.exists():
+        _move_aside(path)
     os.replace(tmp, path)
     plt.close(fig)
     return path
+
+
+def _move_aside(path: Path) -> Path:
+    old = path.parent / OLD
+    old.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    target, i = old / f"{path.stem}.{stamp}.png", 1
+    while target.exists():
+        i += 1
+        target = old / f"{path.stem}.{stamp}-{i}.png"
+    os.replace(path, target)
+    _moved.append(target)
+    return target
+
+
+def take_moved() -> list:
+    """The earlier figures :func:`save` moved aside since the last call (then forgets them)."""
+    out = list(_moved)
+    _moved.clear()
+    return out
 
 
 def image_rows(

@@ -1,7 +1,6 @@
 """Heteroscedastic regression (issue 7): closed forms, β-NLL, floor, Bayesian pair, data, errors."""
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pyro
@@ -212,7 +211,7 @@ def test_report_and_compare_write_figures(tmp_path, capsys):
     assert eval_main([str(tmp_path / "het"), "--k", "1", "--report"]) == 0
     for name in ("fit", "sigma", "training", "dips", "calibration"):
         assert (tmp_path / "het" / "figures" / f"{name}.png").exists()
-    opts = SimpleNamespace(out=str(tmp_path / "cmp"), split="test", seed=0, data_dir=None)
+    opts = rep.CompareOptions(out=str(tmp_path / "cmp"), split="test", seed=0, data_dir=None)
     paths = rep.compare([str(tmp_path / d) for d in ("homo", "het", "bayes")], opts)
     assert all(p.exists() for p in paths)
     table = (tmp_path / "cmp" / "figures" / "hetero_compare.md").read_text()

@@ -1,5 +1,4 @@
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -113,8 +112,7 @@ def test_report_figures_are_seeded(tiny_run):
     torch.manual_seed(0)
     b = R.posterior_draws(vae, x, 2)[2]
     assert torch.equal(a, b)
-    opts = SimpleNamespace(digit=None)
-    assert R._digit(opts) == 6
+    assert R.Options().digit == 6
     assert np.isfinite(a.numpy()).all()
 
 

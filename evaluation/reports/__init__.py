@@ -1,27 +1,34 @@
 """Per-system reports: ``python -m evaluation RUN_DIR --report`` draws the system's figures.
 
-Each module here defines ``report(run_dir, cfg, system, data, options) -> list[Path]`` and
-may define ``compare(run_dirs, options) -> list[Path]`` for ``python -m evaluation compare``.
-Adding a system's report means one module and one row in ``REPORTS``.
+Each module here defines
+
+* ``Options``, a dataclass extending :class:`evaluation.api.EvalOptions` with the report's own
+  options (the command line generates their flags and help from it; notebooks construct it);
+* ``report(run_dir, cfg, system, data, estimate, options: Options) -> list[Path]``;
+* optionally ``CompareOptions`` and ``compare(run_dirs, options) -> list[Path]`` for
+  ``python -m evaluation compare``.
+
+A system's report is the module named by its row in :mod:`inference.systems` (``report``,
+by default the system's name).
 """
 
 from __future__ import annotations
 
-import importlib
-
+from evaluation.reports import cvae, dirichlet, hetero, meta, pixelrnn, vae
+from inference.systems import SYSTEMS, get_system
 from models.common import GenlabError
 
-REPORTS = {  # system name -> module under evaluation.reports
-    "dirichlet": "dirichlet",
-    "hetero": "hetero",
-    "meta": "meta",
-    "pixelrnn": "pixelrnn",
-    "vae": "vae",
-    "cvae": "cvae",
-}
+#: module name -> report module
+MODULES = {m.__name__.rsplit(".", 1)[1]: m for m in (cvae, dirichlet, hetero, meta, pixelrnn, vae)}
+
+#: system name -> report module (every system of inference.systems that has one)
+REPORTS = {name: MODULES[spec.report or name] for name, spec in SYSTEMS.items()
+           if (spec.report or name) in MODULES}
 
 
 def get_report(system: str):
     if system not in REPORTS:
+        get_system(system)  # an unknown system: its own clear message
         raise GenlabError(f"there is no report for system {system!r} yet")
-    return importlib.import_module(f"evaluation.reports.{REPORTS[system]}")
+    return REPORTS[system]
+

@@ -7,25 +7,58 @@ r"""The conditional VAE's figures and checks: ``python -m evaluation RUN_DIR --r
 5. with ``--baseline VAE_RUN``: the identity
    log p(x | y) - log p(x) = log p(y | x) - log p(y), its left side from the CVAE and the
    unconditional VAE, its right side from the classifier.
+
+Options: :class:`Options` (``--classifier-k``, ``--baseline``); ``--baseline`` is checked
+(a ``vae`` run directory) when the options are made, before any work starts.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from evaluation.api import EvalOptions, load_run, read_config
 from evaluation.plotting import image_rows, run_title, save
 from evaluation.reports.vae import loglik_by_digit_figure
 from inference.importance import estimate_log_marginal
-from models.common import GenlabError
+from models.common import GenlabError, option
 from models.cvae import NUM_CLASSES
 
 CLASSIFIER_NOTE = ("The generative classifier is a check that the conditional likelihoods "
                    "log p(x|y) are meaningful, not a competitive classifier.")
+
+
+@dataclass
+class Options(EvalOptions):
+    """``python -m evaluation RUN_DIR --report`` of a ``cvae`` run."""
+
+    classifier_k: int = option(100, "importance samples per label for the generative "
+                               "classifier p(y | x)")
+    baseline: Optional[str] = option(None, "a vae run of the same size: adds the check "
+                                     "log p(x|y) - log p(x) = log p(y|x) - log p(y)")
+
+    def check(self) -> None:
+        super().check()
+        if self.classifier_k < 1:
+            raise GenlabError(f"--classifier-k must be a positive integer, got {self.classifier_k}")
+        if self.baseline is not None:
+            check_baseline(self.baseline)
+
+
+def check_baseline(run_dir) -> None:
+    """``--baseline`` names a ``vae`` run directory: one sentence otherwise."""
+    path = Path(run_dir)
+    if not (path / "config.json").exists():
+        raise GenlabError(f"--baseline {run_dir} is not a run directory (no config.json)")
+    system = read_config(path).system
+    if system != "vae":
+        raise GenlabError(f"{run_dir} holds a {system!r} run, not 'vae'")
 
 
 @torch.no_grad()
@@ -113,10 +146,11 @@ def confident_wrong_figure(x, true, log_post, cfg, n: int = 10):
                       col_labels=cols, size=1.1)
 
 
-def report(run_dir, cfg, system, data, est, options) -> list:
+def report(run_dir, cfg, system, data, est, options: Options) -> list:
+    options.check()  # --baseline first: before any figure is drawn
     cvae = system.cpu()
     part = data.split(options.split)
-    part = part.subset(options.limit, getattr(options, "spread", False))
+    part = part.subset(options.limit, options.spread)
     if part.y is None:
         raise GenlabError("the conditional VAE report needs labelled images")
     x, y = part.x.cpu(), part.y.cpu()
@@ -125,15 +159,15 @@ def report(run_dir, cfg, system, data, est, options) -> list:
     paths = [save(styles_figure(cvae, cfg), run_dir, "styles"),
              save(style_transfer_figure(cvae, x[:6], y[:6], cfg), run_dir, "style_transfer")]
     k = est.num_samples
-    paths.append(save(loglik_by_digit_figure(est.log_marginal, yn, cfg, k), run_dir,
-                      "loglik_given_label_by_digit"))
+    paths.append(save(loglik_by_digit_figure(est.log_marginal, yn, cfg, k, "log p(x | y)"),
+                      run_dir, "loglik_given_label_by_digit"))
     print(f"log p(x | y) by digit (IWAE K={k}) and ELBO, nats per image:")
     for d in range(NUM_CLASSES):
         sel = yn == d
         if sel.any():
             print(f"  {d}: IWAE {est.log_marginal[sel].mean():9.2f}   ELBO {est.elbo[sel].mean():9.2f}"
                   f"   n={int(sel.sum())}")
-    kc = getattr(options, "classifier_k", None) or 100
+    kc = options.classifier_k
     ll = per_label_loglik(cvae, x, kc, int(options.memory_gb * (1 << 30)))
     prior = label_prior(data.train.y.cpu())
     log_post, log_px_mix = classify(ll, prior)
@@ -146,11 +180,8 @@ def report(run_dir, cfg, system, data, est, options) -> list:
     paths.append(save(confusion_figure(yn, pred, cfg, kc), run_dir, "classifier_confusion"))
     paths.append(save(confident_wrong_figure(x.numpy(), yn, log_post, cfg), run_dir,
                       "classifier_confidently_wrong"))
-    baseline = getattr(options, "baseline", None)
-    if baseline:
-        from evaluation.api import load_run
-
-        _, vae, _ = load_run(baseline, options.data_dir, "cpu", expect_system="vae")
+    if options.baseline:
+        _, vae, _ = load_run(options.baseline, options.data_dir, "cpu", expect_system="vae")
         if vae.latent_dim != cvae.latent_dim:
             print(f"note: the baseline VAE has d={vae.latent_dim}, the CVAE d={cvae.latent_dim}")
         log_px = estimate_log_marginal(vae.model, vae.guide, x, num_samples=k).log_marginal

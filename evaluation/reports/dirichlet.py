@@ -16,31 +16,52 @@ r"""Report of a ``dirichlet`` run: the conjugate checks against the closed forms
   (``figures/nuts.png``).
 
 The functions :func:`conjugate_checks`, :func:`sbc` and :func:`nuts_check` are what the
-benchmark and the notebook call.
+benchmark and the notebook call; :class:`Options` (``--sbc-replications``) sizes the report.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.infer import MCMC, NUTS
 
+from evaluation.api import EvalOptions, load_run
 from evaluation.metrics import rank_uniformity, sbc_ranks
 from evaluation.plotting import plt, run_title, save
 from inference.importance import _import_arviz, estimate_log_marginal
+from inference.runner import CHECKPOINT, RunConfig, load_checkpoint, restore_params, train
 from models import dirichlet
+from models.common import GenlabError, option
 
 #: SVI settings of the SBC fits and the documented ``dirichlet`` runs (see
 #: docs/dirichlet_categorical.md): mini-batches of a tenth of the symbols, so 2,000 steps
 SVI_SETTINGS = dict(loss="Trace_ELBO", k=32, lr=0.3, lr_decay=0.97, epochs=200)
 SMOKE = os.environ.get("GENLAB_SMOKE") == "1"
+
+
+@dataclass
+class Options(EvalOptions):
+    """``python -m evaluation RUN_DIR --report`` of a ``dirichlet`` run (``--k`` sets the IWAE
+    curve of the conjugate check; GENLAB_SMOKE=1 shrinks SBC and NUTS to a smoke size)."""
+
+    sbc_replications: int = option(200, "SBC replications R, one sequence and one p ~ "
+                                   "Dirichlet(alpha) each, fitted by one SVI run; fewer is faster")
+
+    def check(self) -> None:
+        super().check()
+        if self.sbc_replications < 2:
+            raise GenlabError(f"--sbc-replications must be at least 2, got {self.sbc_replications}")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -51,8 +72,6 @@ def use_final_state(run_dir, system) -> None:
     held-out ELBO charges q's concentration as KL to the prior and is no criterion for the
     posterior of the training data, so every conjugate check uses the final state instead.
     """
-    from inference.runner import CHECKPOINT, load_checkpoint, restore_params
-
     restore_params(system, load_checkpoint(Path(run_dir) / CHECKPOINT))
 
 
@@ -82,8 +101,6 @@ def conjugate_checks(system, split, ks=(1, 10, 100, 1000), seed: int = 0) -> dic
 
 
 def _svi_config(alpha, replications: int, symbols: int, seed: int, **svi):
-    from inference.runner import RunConfig
-
     s = SVI_SETTINGS | svi
     return RunConfig(system="dirichlet", data_args=dict(
         alpha=list(alpha), symbols=int(symbols), sequences=int(replications), p=None,
@@ -100,14 +117,9 @@ def sbc(alpha, replications: int = 200, symbols: int = 20, draws: int = 99, bins
     fitted at once by one runner run of the batched system (``out``, default a temporary
     folder; reused when it already holds the run).  ``draws`` posterior draws per replication.
     """
-    from evaluation.api import load_run
-    from inference.runner import train
-
     alpha = dirichlet.check_alpha(alpha)
     cfg = _svi_config(alpha.tolist(), replications, symbols, seed, **svi)
     if out is None:
-        import tempfile
-
         out = Path(tempfile.mkdtemp(prefix="genlab-sbc-"))
     out = Path(out)
     if not (out / "config.json").exists():
@@ -132,8 +144,6 @@ def sbc(alpha, replications: int = 200, symbols: int = 20, draws: int = 99, bins
 
 def nuts_check(x, alpha, num_samples: int = 1000, warmup: int = 500, seed: int = 0) -> dict:
     """NUTS on the single-sequence model; arviz summary beside the exact Beta marginals."""
-    from pyro.infer import MCMC, NUTS
-
     alpha = dirichlet.check_alpha(alpha)
     x = torch.as_tensor(x)
     post = dirichlet.posterior_concentration(alpha, dirichlet.counts(x, alpha.shape[0]))
@@ -142,8 +152,6 @@ def nuts_check(x, alpha, num_samples: int = 1000, warmup: int = 500, seed: int =
                 num_chains=1, disable_progbar=True)
     mcmc.run(x, alpha)
     az = _import_arviz()
-    import logging
-
     az_log = logging.getLogger("arviz")
     level = az_log.level
     az_log.setLevel(logging.ERROR)  # one chain: arviz warns that it cannot compute r-hat
@@ -185,18 +193,20 @@ def plot_conjugate(checks: dict, title: str):
     ax.axhline(checks["elbo_closed"], color="C3", ls="--", lw=1,
                label="closed-form ELBO = evidence - KL")
     ax.set_xscale("log")
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")  # whole nats, no offset
     ax.set_xlabel("k (importance samples)")
     ax.set_ylabel("nats (whole training set)")
     ax.set_title(f"gap in closed form {checks['gap_closed']:.4f}, MC ELBO {checks['elbo_mc']:.3f}",
                  fontsize=9)
     ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(f"conjugate checks: the SVI posterior against the exact one (left), IWAE "
+                 f"against the exact log evidence (right)\n{title}", fontsize=9)
     fig.tight_layout()
     return fig
 
 
 def plot_sbc(result: dict, title: str):
-    from scipy import stats
+    from scipy import stats  # heavy (arviz brings it), and only these two figures need it
 
     J = result["exact"]["counts"].shape[1]
     fig, axes = plt.subplots(2, J, figsize=(3.2 * J, 5), sharex=True, sharey=True, squeeze=False)
@@ -224,7 +234,7 @@ def plot_sbc(result: dict, title: str):
 
 
 def plot_nuts(nuts: dict, title: str):
-    from scipy import stats
+    from scipy import stats  # heavy (arviz brings it), and only these two figures need it
 
     az = _import_arviz()
     post = np.asarray(nuts["posterior"])
@@ -261,13 +271,14 @@ def _json_ready(d):
     return d
 
 
-def report(run_dir, cfg, system, data, estimate, options) -> list:
+def report(run_dir, cfg, system, data, estimate, options: Options) -> list:
+    options.check()
     run_dir = Path(run_dir)
     use_final_state(run_dir, system)
-    ks = sorted(set(getattr(options, "k", None) or (1, 10, 100, 1000)))
-    seed = getattr(options, "seed", 0) or 0
+    ks = sorted(set(options.k))
+    seed = options.seed
     checks = conjugate_checks(system, data.train, ks, seed)
-    split = getattr(options, "split", "test")
+    split = options.split
     x_s, seq_s = data.split(split).tensors()
     post_s = system.exact_posterior(x_s, seq_s).double()
     checks["eval_split"] = split
@@ -288,7 +299,7 @@ def report(run_dir, cfg, system, data, estimate, options) -> list:
     title = run_title(cfg, f"{checks['sequences']} seq x {cfg.data_args.get('symbols')} symbols")
     paths = [save(plot_conjugate(checks, title), run_dir, "conjugate")]
 
-    R = 20 if SMOKE else int(getattr(options, "sbc_replications", None) or 200)
+    R = 20 if SMOKE else options.sbc_replications
     res = sbc(system.alpha.tolist(), replications=R, symbols=int(cfg.data_args.get("symbols", 20)),
               draws=19 if SMOKE else 99, bins=5 if SMOKE else 10, seed=seed, out=run_dir / "sbc",
               **({"epochs": 5} if SMOKE else {}))

@@ -17,6 +17,9 @@ the remedies table ``hetero_compare.md`` / ``.json``.  Conventions, stated once:
 * A *dip* is a training step after which the training log-likelihood (``loglik`` in
   ``steps.csv``, the true log-likelihood of the step's batch, whatever the training objective)
   is more than ``DIP_THRESHOLD`` nats per point below its value one step before.
+
+Options: :class:`Options` (the evaluation's own, nothing more) and :class:`CompareOptions`
+(``--out``).
 """
 
 from __future__ import annotations
@@ -24,21 +27,41 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from evaluation.api import EvalOptions, load_run
 from evaluation.metrics import central_coverage, pit_histogram
 from evaluation.plotting import run_title, save
-from models.common import GenlabError
+from inference.data import wiggles_mean, wiggles_noise_scale
+from inference.runner import RunConfig
+from models.common import GenlabError, option
+from models.hetero import hetero_args
 
 LEVELS = (0.5, 0.9, 0.95)
 PREDICTIVE_SAMPLES = 200
 DIP_THRESHOLD = 0.5
 COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown",
           "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+
+
+@dataclass
+class Options(EvalOptions):
+    """``python -m evaluation RUN_DIR --report`` of a ``hetero`` run: held-out metrics on
+    ``--split`` (seeded by ``--seed``); the dips come from the run's ``steps.csv``."""
+
+
+@dataclass
+class CompareOptions(Options):
+    """``python -m evaluation compare RUN ...`` of ``hetero`` runs trained on the same data."""
+
+    out: Optional[str] = option(None, "folder whose figures/ receives the comparison figures "
+                                "and the remedies table (default the first run's)")
 
 
 # ----------------------------------------------------------------------------- the study's runs
@@ -63,9 +86,6 @@ STUDY = {
 
 def study_config(name: str, epochs: int = 1500, smoke: bool = False):
     """The RunConfig of one of the study's runs (``smoke``: 60 training points, small nets)."""
-    from inference.runner import RunConfig
-    from models.hetero import hetero_args
-
     if name not in STUDY:
         raise GenlabError(f"unknown study run {name!r}; choose one of {', '.join(STUDY)}")
     spec = dict(STUDY[name])
@@ -178,8 +198,6 @@ def _add_z(steps: dict) -> dict:
 def _truth(cfg):
     if cfg.data_args.get("dataset") != "wiggles":
         return None
-    from inference.data import wiggles_mean, wiggles_noise_scale
-
     return wiggles_mean, wiggles_noise_scale
 
 
@@ -327,11 +345,13 @@ def dips_figure(name: str, steps: dict, cfg, title: str, threshold: float = DIP_
     steps = _add_z(steps)
     dips = find_dips(steps, threshold)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.0))
+    what = (f"{name}: the {len(dips)} training step(s) where the training log-likelihood fell by "
+            f"more than {threshold:g} nats/point (dips), and the point that lost most in each")
     if not dips:
         for ax in axes:
             ax.text(0.5, 0.5, f"no dips (> {threshold:g} nats/pt) in {name}", ha="center",
                     transform=ax.transAxes)
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(f"{what}\n{title}", fontsize=9)
         return fig
     d = {k: np.array([r[k] for r in dips]) for k in dips[0]}
     truth = _truth(cfg)
@@ -367,7 +387,10 @@ def dips_figure(name: str, steps: dict, cfg, title: str, threshold: float = DIP_
     ax.set_ylim(0, 1.6)
     ax.set_ylabel("share of the dip's fall")
     ax.legend(fontsize=6, loc="upper left", ncol=1)
-    fig.suptitle(title, fontsize=9)
+    axes[0].set_title("where it sits: its x and σ(x)", fontsize=8)
+    axes[1].set_title("its loss against its z = residual/σ", fontsize=8)
+    axes[2].set_title("who carries the fall (20 largest dips)", fontsize=8)
+    fig.suptitle(f"{what}\n{title}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -437,14 +460,14 @@ def _row(name, cfg, ho, steps, run_dir):
 
 
 # ----------------------------------------------------------------------------- entry points
-def report(run_dir, cfg, system, data, estimate, options) -> list:
+def report(run_dir, cfg, system, data, estimate, options: Options) -> list:
     """One run's figures and ``hetero_report.json`` (held-out metrics, dips)."""
     run_dir = Path(run_dir)
     system = system.cpu().eval()
     data = data.to("cpu")
-    split_name = getattr(options, "split", "test") or "test"
+    split_name = options.split
     split = data.split(split_name)
-    seed = getattr(options, "seed", 0) or 0
+    seed = options.seed
     name = label(cfg)
     title = run_title(cfg, settings(cfg))
     ho = held_out(system, split, seed)
@@ -455,7 +478,7 @@ def report(run_dir, cfg, system, data, estimate, options) -> list:
              save(dips_figure(name, steps, cfg, title), run_dir, "dips"),
              save(calibration_figure([(name, ho)], title), run_dir, "calibration")]
     row = _row(name, cfg, ho, steps, run_dir)
-    n_est = len(split.subset(getattr(options, "limit", None), getattr(options, "spread", False)))
+    n_est = len(split.subset(options.limit, options.spread))
     total = float(np.sum(estimate.log_marginal))
     row["estimator"] = dict(split=split_name, log_marginal_per_point=total / n_est,
                             per_datapoint=estimate.per_datapoint,
@@ -465,22 +488,20 @@ def report(run_dir, cfg, system, data, estimate, options) -> list:
     return paths
 
 
-def compare(run_dirs, options) -> list:
+def compare(run_dirs, options: CompareOptions) -> list:
     """All runs superimposed on shared axes, and the remedies table (.md, .json)."""
-    from evaluation.api import load_run
-
     runs, runs_steps, runs_ho, rows = [], [], [], []
-    split = getattr(options, "split", "test") or "test"
+    split = options.split
     data0 = None
     for d in run_dirs:
-        cfg, system, data = load_run(d, getattr(options, "data_dir", None), "cpu", "hetero")
+        cfg, system, data = load_run(d, options.data_dir, "cpu", "hetero")
         if data0 is None:
             data0, cfg0 = data, cfg
         elif cfg.data_args != cfg0.data_args:
             raise GenlabError(f"{d} was trained on other data ({cfg.data_args}) than "
                               f"{run_dirs[0]} ({cfg0.data_args})")
         name = label(cfg)
-        ho = held_out(system, data.split(split), getattr(options, "seed", 0) or 0)
+        ho = held_out(system, data.split(split), options.seed)
         steps = read_steps(d)
         runs.append((name, cfg, system))
         runs_steps.append((name, steps))
@@ -489,7 +510,7 @@ def compare(run_dirs, options) -> list:
     homo = next((r for r, (_, c, _) in zip(rows, runs) if c.system_args["variant"] == "homo"), None)
     for r in rows:
         r["rmse_ratio"] = r["rmse"] / homo["rmse"] if homo else None
-    base = Path(options.out) if getattr(options, "out", None) else Path(run_dirs[0])
+    base = Path(options.out) if options.out else Path(run_dirs[0])
     out = base / "figures"
     out.mkdir(parents=True, exist_ok=True)
     title = run_title(cfg0, f"{len(runs)} runs compared on {split}")

@@ -12,26 +12,56 @@ Figures (``RUN_DIR/figures``): ``predictions`` (each symbol's predicted probabil
 GRU and Bayes superimposed, in-distribution and fixed-p), ``kl_per_step``, ``learning``
 (train cross-entropy per mini-batch, validation per epoch, the Bayes floor, and KL against
 mini-batches from the kept epoch checkpoints).  ``python -m evaluation compare M1 M2 M3 M4``
-puts several runs side by side.
+puts several runs side by side.  Options: :class:`Options` (``--fixed-p``) and
+:class:`CompareOptions` (``--out``).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
+from evaluation.api import EvalOptions, load_run
 from evaluation.metrics import categorical_kl, cross_entropy
 from evaluation.plotting import plt, run_title, save
 from inference.data import symbol_sequences
-from models.common import GenlabError
+from inference.runner import load_checkpoint, param_state, restore_params
+from inference.systems import float_list
+from models.common import GenlabError, option
 from models.meta import bayes_predictive
 
 KL_TARGET = 0.01  # nats per step, the issue's target
 SYMBOL_NAMES = None  # symbols are named 0..J-1 and "reset"
+
+
+@dataclass
+class Options(EvalOptions):
+    """``python -m evaluation RUN_DIR --report`` of a ``meta`` run."""
+
+    fixed_p: Optional[list[float]] = option(None, "the p of the out-of-distribution fixed-p "
+                                            "sequences, e.g. 0.5,0.5,0 (default 1,0,...,0)",
+                                            parse=float_list)
+
+    def check(self) -> None:
+        super().check()
+        p = self.fixed_p
+        if p is not None and (any(v < 0 for v in p) or abs(sum(p) - 1) > 1e-6):
+            raise GenlabError(f"--fixed-p must be probabilities summing to 1, got {p}")
+
+
+@dataclass
+class CompareOptions(Options):
+    """``python -m evaluation compare RUN ...`` of ``meta`` runs."""
+
+    out: Optional[str] = option(None, "folder whose figures/ receives the comparison figures "
+                                "(default the first run's)")
 
 
 def task(cfg) -> dict:
@@ -76,8 +106,6 @@ def _read_csv(path: Path) -> list:
 
 def learning_curves(run_dir, cfg, system, x_test) -> dict:
     """Train CE per mini-batch, valid CE per epoch, and KL(Bayes || GRU) at kept epochs."""
-    from inference.runner import load_checkpoint, param_state, restore_params
-
     run_dir = Path(run_dir)
     t = task(cfg)
     steps = _read_csv(run_dir / "steps.csv")
@@ -228,9 +256,10 @@ def _json(ev) -> dict:
                               kl=ev["curves"]["kl"].tolist()) if "curves" in ev else None)
 
 
-def report(run_dir, cfg, system, data, estimate, options) -> list:
+def report(run_dir, cfg, system, data, estimate, options: Options) -> list:
+    options.check()
     run_dir = Path(run_dir)
-    ev = evaluate_run(run_dir, cfg, system, data, getattr(options, "fixed_p", None))
+    ev = evaluate_run(run_dir, cfg, system, data, options.fixed_p)
     print(summary_line(ev))
     (run_dir / "meta_eval.json").write_text(json.dumps(_json(ev), indent=2) + "\n")
     title = run_title(cfg, _extra(cfg))
@@ -239,17 +268,14 @@ def report(run_dir, cfg, system, data, estimate, options) -> list:
             save(plot_learning([ev], title), run_dir, "learning")]
 
 
-def compare(run_dirs, options) -> list:
-    from evaluation.api import load_run
-
+def compare(run_dirs, options: CompareOptions) -> list:
+    options.check()
     evs = []
     for d in run_dirs:
-        cfg, system, data = load_run(d, getattr(options, "data_dir", None), expect_system="meta")
-        evs.append(evaluate_run(d, cfg, system, data, getattr(options, "fixed_p", None)))
+        cfg, system, data = load_run(d, options.data_dir, expect_system="meta")
+        evs.append(evaluate_run(d, cfg, system, data, options.fixed_p))
         print(summary_line(evs[-1]))
-    out = Path(getattr(options, "out", None) or Path(run_dirs[0]))
-    import copy
-
+    out = Path(options.out or run_dirs[0])
     cfg0 = copy.deepcopy(evs[0]["cfg"])  # the law differs between runs: keep it out of the title
     cfg0.data_args = {k: v for k, v in cfg0.data_args.items() if k not in ("alpha", "period", "p")}
     title = run_title(cfg0, f"{len(evs)} runs, L={cfg0.data_args['length']} B={cfg0.batch_size}")

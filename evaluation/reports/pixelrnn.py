@@ -13,8 +13,8 @@ What it measures, each a function the notebook calls too:
   enumeration (one pixel, a 2×2 patch), IS and SMC (a row, a block, a random mask), and the VAE
   as a second in-painter on the same masks (``evaluation.inpainting``).
 
-Where a VAE run comes from: ``options.vae_run`` if set, else the sibling run directory
-``vae-d20`` next to RUN_DIR when it exists; without one the VAE parts are skipped.
+Where a VAE run comes from: ``--vae-run`` (:class:`Options`), checked before any work starts;
+without it the VAE parts are skipped, and the report says so.  No other run is ever used.
 Literature figures quoted for comparison (not measured here): NADE 88.33 nats (Larochelle &
 Murray 2011, as quoted by van den Oord et al. 2016) and PixelRNN 79.20 nats (van den Oord et al.
 2016, Table 4), test NLL on Larochelle's binarized MNIST.
@@ -24,14 +24,22 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pyro
 import torch
+from matplotlib.patches import Rectangle
 
 from evaluation import inpainting as IP
+from evaluation.api import EvalOptions, load_run, read_config
 from evaluation.plotting import image_rows, run_title, save
+from inference.importance import estimate_log_marginal
+from inference.runner import load_checkpoint, restore_params
+from models.common import GenlabError, option
 from models.pixelrnn import completion_scores
 
 #: Quoted, not measured: test NLL (nats/image) on binarized MNIST.
@@ -39,6 +47,51 @@ LITERATURE = {"NADE": 88.33, "PixelRNN (van den Oord 2016)": 79.20}
 HORIZONS = (1, 10, 28, 300)
 PREFIX = 484
 MISSING_SHADE = 0.5  # how a missing pixel is drawn in "masked" panels
+
+
+@dataclass
+class Options(EvalOptions):
+    """``python -m evaluation RUN_DIR --k 1 --report`` of a ``pixelrnn`` run; ``--limit``
+    is the number of test images (evenly spaced) of the exact-likelihood table."""
+
+    vae_run: Optional[str] = option(None, "a vae run whose ELBO/IWAE are set beside the exact "
+                                    "log p(x) and which in-paints the same masks (default: "
+                                    "none, those parts are skipped)")
+    n_complete: int = option(100, "test images for multi-step completion")
+    samples: int = option(10, "sampled completions per image")
+    n_inpaint_scores: int = option(50, "test images scored per in-painting mask")
+    n_inpaint: int = option(6, "test images shown per in-painting mask")
+    particles: int = option(500, "IS / SMC / VAE particles per image for in-painting")
+    n_bounds: int = option(1000, "test images for exact log p(x) against the VAE's bounds")
+    vae_k: int = option(500, "the VAE's importance samples for its IWAE estimate")
+
+    def check(self) -> None:
+        super().check()
+        for name in ("n_complete", "samples", "n_inpaint_scores", "n_inpaint", "particles",
+                     "n_bounds", "vae_k"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise GenlabError(f"{flag} must be a positive integer, got {getattr(self, name)}")
+        if self.vae_run is not None:
+            check_vae_run(self.vae_run)
+
+
+@dataclass
+class CompareOptions(EvalOptions):
+    """``python -m evaluation compare RUN ...`` of ``pixelrnn`` runs (``--limit``/``--spread``
+    pick the test images)."""
+
+    out: Optional[str] = option(None, "folder for compare_nll.png (default RUN_A/figures)")
+
+
+def check_vae_run(run_dir) -> None:
+    """``--vae-run`` names a ``vae`` run directory: one sentence otherwise."""
+    path = Path(run_dir)
+    if not (path / "config.json").exists():
+        raise GenlabError(f"--vae-run {run_dir} is not a run directory (no config.json)")
+    system = read_config(path).system
+    if system != "vae":
+        raise GenlabError(f"--vae-run {run_dir} holds a {system!r} run, not 'vae'")
 
 
 def spread(x: torch.Tensor, n) -> torch.Tensor:
@@ -52,11 +105,6 @@ def spread(x: torch.Tensor, n) -> torch.Tensor:
     return x[torch.linspace(0, x.shape[0] - 1, int(n)).round().long()]
 
 
-def _opt(options, name, default):
-    v = getattr(options, name, None) if options is not None else None
-    return default if v is None else v
-
-
 def checkpoints(run_dir) -> dict:
     """{label: path} of the kept epochs (``epoch_<E>.pt``, by E) and the final checkpoint."""
     run_dir = Path(run_dir)
@@ -68,8 +116,6 @@ def checkpoints(run_dir) -> dict:
 
 
 def load_params(system, path) -> None:
-    from inference.runner import load_checkpoint, restore_params
-
     restore_params(system, load_checkpoint(path))
     system.eval()
 
@@ -130,22 +176,9 @@ def likelihood_figure(rows: list, cfg):
 
 
 # ----------------------------------------------------------------------------- exact vs bounds
-def find_vae_run(run_dir, options=None):
-    given = _opt(options, "vae_run", None)
-    if given:
-        return Path(given)
-    sibling = Path(run_dir).parent / "vae-d20"
-    return sibling if (sibling / "config.json").exists() else None
-
-
 def bounds_table(system, x: torch.Tensor, vae_run, num_samples: int = 1000, seed: int = 0,
                  data_dir=None) -> dict:
     """Per-image GRU exact log p(x), VAE ELBO and VAE IWAE (K = ``num_samples``) on ``x``."""
-    import pyro
-
-    from evaluation.api import load_run
-    from inference.importance import estimate_log_marginal
-
     vcfg, vae, _ = load_run(vae_run, data_dir, expect_system="vae")
     gru_lp = pixel_metrics(system, x)["log_prob"]
     pyro.set_rng_seed(seed)
@@ -323,8 +356,6 @@ def inpaint_figure(name: str, entry: dict, cfg, n_samples: int = 2):
 
 def _outline(fig, missing: torch.Tensor, side: int = 28) -> None:
     """A red frame around a rectangular hole on every panel, so small holes can be found."""
-    from matplotlib.patches import Rectangle
-
     rr, cc = np.nonzero(missing.reshape(side, side).numpy())
     r0, r1, c0, c1 = rr.min(), rr.max(), cc.min(), cc.max()
     if (r1 - r0 + 1) * (c1 - c0 + 1) != rr.size:
@@ -415,26 +446,21 @@ def _jsonable(d):
 
 
 # ----------------------------------------------------------------------------- entry point
-def report(run_dir, cfg, system, data, estimate, options) -> list:
+def report(run_dir, cfg, system, data, estimate, options: Options) -> list:
     """Every figure above into RUN_DIR/figures/, and the numbers into RUN_DIR/pixelrnn_report.json."""
+    options.check()  # --vae-run first: before any work
     run_dir = Path(run_dir)
     x_test = data.test.x
-    n_ll = _opt(options, "limit", None)
-    n_comp = int(_opt(options, "n_complete", 100))
-    n_inp = int(_opt(options, "n_inpaint", 6))
-    n_score = int(_opt(options, "n_inpaint_scores", 50))
-    particles = int(_opt(options, "particles", 500))
-    samples = int(_opt(options, "samples", 10))
-    vae_k = int(_opt(options, "vae_k", 500))
-    n_bounds = int(_opt(options, "n_bounds", 1000))
-    seed = int(_opt(options, "seed", 0))
+    n_ll = options.limit
+    n_comp, n_inp, n_score = options.n_complete, options.n_inpaint, options.n_inpaint_scores
+    particles, samples, vae_k = options.particles, options.samples, options.vae_k
+    n_bounds, seed = options.n_bounds, options.seed
     torch.manual_seed(seed)
     final_state = {k: v.clone() for k, v in system.state_dict().items()}
     paths, summary = [], {}
 
     # the estimator on the empty guide is the exact likelihood: say so, with the difference
-    x_est = data.split(_opt(options, "split", "test")).subset(
-        _opt(options, "limit", None), bool(_opt(options, "spread", False))).x
+    x_est = data.split(options.split).subset(options.limit, options.spread).x
     lp = pixel_metrics(system, x_est)["log_prob"]
     summary["estimator_vs_exact_max_abs"] = float(np.max(np.abs(estimate.log_marginal - lp)))
     summary["estimator_elbo_vs_exact_max_abs"] = float(np.max(np.abs(estimate.elbo - lp)))
@@ -457,10 +483,12 @@ def report(run_dir, cfg, system, data, estimate, options) -> list:
         paths.append(save(completion_figure(xc, tables[last], cfg, last), run_dir,
                           "completion_examples"))
 
-    vae_run = find_vae_run(run_dir, options)
+    vae_run = options.vae_run
     vae = None
-    if vae_run is not None:
-        b = bounds_table(system, spread(x_test, n_bounds), vae_run, vae_k, seed, _opt(options, "data_dir", None))
+    if vae_run is None:
+        print("no --vae-run: the exact-vs-VAE-bounds figure and the VAE's in-painting are skipped")
+    else:
+        b = bounds_table(system, spread(x_test, n_bounds), vae_run, vae_k, seed, options.data_dir)
         vae = b["vae"]
         summary["bounds"] = {"vae_run": b["vae_run"], "n": b["n"], "K": b["K"],
                              "gru_exact_log_p": float(b["gru_log_prob"].mean()),
@@ -489,15 +517,13 @@ def report(run_dir, cfg, system, data, estimate, options) -> list:
     return paths
 
 
-def compare(run_dirs, options) -> list:
+def compare(run_dirs, options: CompareOptions) -> list:
     """Exact test NLL of each run's kept checkpoints on the same test images, one figure."""
-    from evaluation.api import load_run
-
     rows, first_cfg = {}, None
     for d in run_dirs:
-        cfg, system, data = load_run(d, _opt(options, "data_dir", None), expect_system="pixelrnn")
+        cfg, system, data = load_run(d, options.data_dir, expect_system="pixelrnn")
         first_cfg = first_cfg or cfg
-        x = data.test.subset(_opt(options, "limit", None), bool(_opt(options, "spread", False))).x
+        x = data.test.subset(options.limit, options.spread).x
         rows[f"{Path(d).name} (H={cfg.system_args.get('hidden')})"] = likelihood_table(d, system, x)
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for i, (name, rs) in enumerate(rows.items()):
@@ -513,6 +539,5 @@ def compare(run_dirs, options) -> list:
     ax.legend(fontsize=7)
     n = next(iter(rows.values()))[0]["n"] if rows and next(iter(rows.values())) else 0
     ax.set_title(run_title(first_cfg, f"exact test NLL of {len(rows)} runs, n={n}"), fontsize=8)
-    out = Path(_opt(options, "out", None) or Path(run_dirs[0]) / "figures")
-    return [save(fig, out.parent if out.name == "figures" else out, "compare_nll",
-                 subdir="figures" if out.name == "figures" else ".")]
+    out = Path(options.out or Path(run_dirs[0]) / "figures")
+    return [save(fig, out, "compare_nll", subdir="")]

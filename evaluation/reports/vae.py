@@ -8,22 +8,47 @@ notebook calls the same functions.  Conventions, stated once:
   "samples" panels show Bernoulli draws from them.
 * Log-likelihoods are importance-weighted estimates of log p(x) (IWAE at the run's K),
   in nats per image; the ELBO is shown beside them where it matters.
+
+Options: :class:`Options` (``--digit``) for the report, :class:`CompareOptions` (``--out``) for
+``python -m evaluation compare RUN_A RUN_B``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from evaluation.api import evaluate
+from evaluation.api import EvalOptions, evaluate
 from evaluation.plotting import image_rows, run_title, save
-from models.common import GenlabError
+from models.common import GenlabError, option
 
 FLIP_RATES = (0.0, 0.05, 0.1, 0.2, 0.3)
 BLOCKS = (8, 14)
+
+
+@dataclass
+class Options(EvalOptions):
+    """``python -m evaluation RUN_DIR --report`` of a ``vae`` run."""
+
+    digit: int = option(6, "the digit class whose most and least likely test images are shown")
+
+    def check(self) -> None:
+        super().check()
+        if not 0 <= self.digit <= 9:
+            raise GenlabError(f"--digit must be a digit class 0-9, got {self.digit}")
+
+
+@dataclass
+class CompareOptions(EvalOptions):
+    """``python -m evaluation compare RUN_A RUN_B`` of two ``vae`` runs."""
+
+    out: Optional[str] = option(None, "folder for the comparison figures (default "
+                                "RUN_A/figures)")
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -111,23 +136,40 @@ def interpolation_figure(vae, x1: torch.Tensor, x2: torch.Tensor, cfg, steps: in
     return fig
 
 
-def loglik_by_digit_figure(loglik: np.ndarray, labels, cfg, k: int):
-    """Histogram of per-image log-likelihood by digit class, superimposed on shared bins."""
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+def loglik_by_digit_figure(loglik: np.ndarray, labels, cfg, k: int, quantity: str = "log p(x)"):
+    """Per-image log-likelihood by digit class: small multiples, one panel per digit on a shared
+    x axis (the histogram of all images in grey behind each), the class mean marked."""
     bins = np.linspace(np.percentile(loglik, 0.5), loglik.max(), 60)
+    xlabel = f"{quantity}, IWAE K={k} (nats per image)"
+    title = run_title(cfg, f"test {quantity} by digit, n={loglik.size}")
     if labels is None:
-        ax.hist(loglik, bins=bins, histtype="step", color="k", label="all images")
-    else:
-        cmap = plt.get_cmap("tab10")
-        for d in range(10):
-            sel = loglik[labels == d]
-            if sel.size:
-                ax.hist(sel, bins=bins, histtype="step", lw=1.4, color=cmap(d),
-                        label=f"{d} (mean {sel.mean():.1f})")
-    ax.set_xlabel(f"log p(x), IWAE K={k} (nats per image)")
-    ax.set_ylabel("images")
-    ax.legend(fontsize=7, ncol=2, title="digit")
-    ax.set_title(run_title(cfg, f"test log-likelihood by digit, n={loglik.size}"), fontsize=9)
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        ax.hist(loglik, bins=bins, color="0.4")
+        ax.axvline(loglik.mean(), color="k", lw=1, label=f"mean {loglik.mean():.1f}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("images")
+        ax.legend(fontsize=8)
+        ax.set_title(title + " (no labels: all images)", fontsize=9)
+        return fig
+    fig, axes = plt.subplots(5, 2, figsize=(9, 8.5), sharex=True, squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for d, ax in enumerate(axes.T.ravel()):  # digits 0-4 down the left column, 5-9 the right
+        sel = loglik[labels == d]
+        ax.hist(loglik, bins=bins, color="0.88", density=True)
+        if sel.size:
+            ax.hist(sel, bins=bins, color=cmap(d), alpha=0.85, density=True)
+            ax.axvline(sel.mean(), color="k", lw=1)
+        mean = f"mean {sel.mean():.1f}" if sel.size else "no images"
+        ax.text(0.01, 0.93, f"digit {d}: {mean}, n={sel.size}", transform=ax.transAxes,
+                fontsize=8, va="top")
+        ax.set_yticks([])
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel, fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("density", fontsize=7)
+    fig.suptitle(title + "\ncolour: the digit's images; grey: all images; black line: the "
+                 "digit's mean", fontsize=9)
+    fig.tight_layout()
     return fig
 
 
@@ -172,13 +214,17 @@ def bounds_figure(est, cfg):
     ax.set_ylabel("mean over images, nats per image")
     gap = est.log_marginal.mean() - est.elbo.mean()
     ax.set_title(f"IWAE_K - ELBO = {gap:.2f} nats at K={est.num_samples}", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(y=0.15)  # room for the value labels below the points
+    # below the axes, so that it can cover neither a point nor its value
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     finite = est.khat[np.isfinite(est.khat)]  # psislw gives inf when K is too small to fit a tail
-    bx.hist(finite if finite.size else [0.0], bins=40, color="0.4")
-    for v, c in ((0.5, "C2"), (0.7, "C3")):
-        bx.axvline(v, color=c, ls=":")
+    bx.hist(finite if finite.size else [0.0], bins=40, color="0.4", label="images")
+    for v, c, what in ((0.5, "C2", "0.5: good below"), (0.7, "C3", "0.7: unreliable above")):
+        bx.axvline(v, color=c, ls=":", lw=1.5, label=f"k-hat = {what}")
     n_inf = int((~np.isfinite(est.khat)).sum())
     bx.set_xlabel("Pareto k-hat per image (K draws)" + (f"; {n_inf} not estimable" if n_inf else ""))
+    bx.set_ylabel("images")
+    bx.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     bx.set_title(f"k-hat > 0.7: {np.mean(est.khat > 0.7):.1%} of images", fontsize=9)
     fig.suptitle(run_title(cfg, f"ELBO vs IWAE, n={est.n}"), fontsize=9)
     fig.tight_layout()
@@ -207,19 +253,12 @@ def active_units_figure(var: np.ndarray, cfg, threshold: float = 0.01):
     return fig
 
 
-def _digit(options) -> int:
-    d = getattr(options, "digit", None)
-    d = 6 if d is None else d
-    if not 0 <= d <= 9:
-        raise GenlabError(f"--digit must be a digit class 0-9, got {d}")
-    return d
-
-
-def report(run_dir, cfg, system, data, est, options) -> list:
+def report(run_dir, cfg, system, data, est, options: Options) -> list:
     """All the single-run figures into RUN_DIR/figures/."""
-    digit = _digit(options)
+    options.check()
+    digit = options.digit
     part = data.split(options.split)
-    part = part.subset(options.limit, getattr(options, "spread", False))
+    part = part.subset(options.limit, options.spread)
     x = part.x.cpu()
     labels = None if part.y is None else part.y.cpu().numpy()
     k = est.num_samples
@@ -246,28 +285,38 @@ def report(run_dir, cfg, system, data, est, options) -> list:
     return paths
 
 
-def compare(run_dirs, options) -> list:
+def compare_headline(la: np.ndarray, lb: np.ndarray) -> dict:
+    """B - A per image: mean, its standard error, and the share of images where B is better."""
+    diff = lb - la
+    se = float(np.std(diff, ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
+    return dict(mean=float(np.mean(diff)), se=se, b_better=float(np.mean(lb > la)), n=int(diff.size))
+
+
+def compare(run_dirs, options: CompareOptions) -> list:
     """Per-image log-likelihood of run A against run B on the same images, where each wins
-    most, and both runs' generated images on one figure."""
+    most, and both runs' generated images on one figure; prints the headline numbers."""
     if len(run_dirs) != 2:
         raise GenlabError("the VAE comparison takes exactly two runs")
     runs = []
     for d in run_dirs:
         ev = evaluate(d, options.k, options.split, options.limit, options.seed,
-                      options.memory_gb, options.data_dir, "cpu", None,
-                      getattr(options, "spread", False))
+                      options.memory_gb, options.data_dir, "cpu", None, options.spread)
         runs.append((d, ev.config, ev.system, ev.data, ev.estimate))
     (da, ca, va, data, ea), (db, cb, vb, _, eb) = runs
     if ea.n != eb.n:
         raise GenlabError("the two runs were evaluated on different numbers of images")
     part = data.split(options.split)
-    part = part.subset(options.limit, getattr(options, "spread", False))
+    part = part.subset(options.limit, options.spread)
     x, labels = _np(part.x.cpu()), None if part.y is None else part.y.cpu().numpy()
-    out, sub = (Path(options.out), "") if getattr(options, "out", None) else (Path(da), "figures")
+    out, sub = (Path(options.out), "") if options.out else (Path(da), "figures")
     name_a = f"A: {Path(da).name}"
     name_b = f"B: {Path(db).name}"
     k = ea.num_samples
     la, lb = ea.log_marginal, eb.log_marginal
+    h = compare_headline(la, lb)
+    print(f"A: {da}\nB: {db}\n"
+          f"B - A = {h['mean']:.2f} ± {h['se']:.2f} nats/image (mean ± standard error, IWAE "
+          f"K={k}, {options.split} n={h['n']}); B better on {h['b_better']:.0%} of images")
     fig, ax = plt.subplots(figsize=(5.6, 5.4))
     c = labels if labels is not None else "0.3"
     sc = ax.scatter(la, lb, c=c, cmap="tab10", s=4, alpha=0.6, vmin=-0.5, vmax=9.5)
@@ -277,8 +326,8 @@ def compare(run_dirs, options) -> list:
     ax.set_ylabel(f"{name_b}  log p(x)")
     if labels is not None:
         fig.colorbar(sc, ax=ax, ticks=range(10), label="digit")
-    ax.set_title(f"B - A = {np.mean(lb - la):.2f} ± {np.std(lb - la, ddof=1) / np.sqrt(la.size):.2f} "
-                 f"nats/image; B better on {np.mean(lb > la):.0%}", fontsize=9)
+    ax.set_title(f"B - A = {h['mean']:.2f} ± {h['se']:.2f} nats/image; B better on "
+                 f"{h['b_better']:.0%}", fontsize=9)
     ax.legend(fontsize=8)
     fig.suptitle(f"{run_title(ca)}\nvs {run_title(cb)} · IWAE K={k}, {options.split} n={la.size}",
                  fontsize=8)
