@@ -24,7 +24,6 @@ real runs. Everything is a call into the library.
 cells.append(code(r"""
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import inspect
 import numpy as np

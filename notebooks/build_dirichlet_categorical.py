@@ -1,6 +1,5 @@
 """Build notebooks/dirichlet_categorical.ipynb (run from the repo root or notebooks/)."""
 
-from pathlib import Path
 
 from nbbuild import write_notebook
 from nbformat.v4 import new_code_cell, new_markdown_cell
@@ -15,7 +14,7 @@ sequences of length 100) and holds them against the Bayes-optimal predictor.
 
 `GENLAB_SMOKE=1` runs everything tiny; `GENLAB_RUNS` says where runs go (default `../runs`).
 Runs that already exist are reused, not retrained."""),
-    new_code_cell("""import argparse, logging, os
+    new_code_cell("""import logging, os
 from pathlib import Path
 import torch
 from IPython.display import Image, display
@@ -28,7 +27,7 @@ torch.set_num_threads(1)
 logging.getLogger("pyro").setLevel(logging.WARNING)
 SMOKE = os.environ.get("GENLAB_SMOKE") == "1"
 RUNS = Path(os.environ.get("GENLAB_RUNS", "../runs"))
-print("smoke" if SMOKE else "full", "runs in", RUNS.resolve())"""),
+print("smoke" if SMOKE else "full", "runs in", RUNS)"""),
     new_markdown_cell("""## 1. The conjugate model
 
 One sequence of 100 symbols from p ~ Dirichlet(1.3, 1.3, 1.3); SVI (Trace_ELBO, 32 particles,
@@ -41,7 +40,7 @@ cfg = RunConfig(system="dirichlet",
                 epochs=5 if SMOKE else 200, batch_size=10, lr=0.3, lr_decay=0.97, k=32, seed=0)
 train_if_missing(cfg, drun)
 cfg, system, data = load_run(drun)
-opts = argparse.Namespace(k=[1, 10, 100] if SMOKE else [1, 10, 100, 1000, 10000], seed=0, split="test")
+opts = dreport.Options(k=[1, 10, 100] if SMOKE else [1, 10, 100, 1000, 10000], seed=0, split="test")
 paths = dreport.report(drun, cfg, system, data, None, opts)
 for p in paths:
     display(Image(str(p)))"""),
@@ -65,7 +64,7 @@ for name, (T, alpha) in MODELS.items():
                     keep_epochs=list(range(1, epochs + 1)))
     train_if_missing(cfg, out)
     runs.append(out)
-paths = mreport.compare(runs, argparse.Namespace(out=str(mdir), data_dir=None, fixed_p=None))
+paths = mreport.compare(runs, mreport.CompareOptions(out=str(mdir), data_dir=None, fixed_p=None))
 for p in paths:
     display(Image(str(p)))"""),
     new_markdown_cell("""Reading (full runs; the numbers are in the printed lines above and in `docs/dirichlet_categorical.md`):

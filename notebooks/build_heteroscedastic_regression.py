@@ -1,6 +1,5 @@
 """Build notebooks/heteroscedastic_regression.ipynb (run from the repo root or notebooks/)."""
 
-from pathlib import Path
 
 from nbbuild import write_notebook
 from nbformat.v4 import new_code_cell, new_markdown_cell
@@ -25,7 +24,6 @@ log-likelihood at every step. The runs are those of `benchmarks/hetero_targets.p
 `GENLAB_SMOKE=1` runs everything tiny; `GENLAB_RUNS` says where runs go (default `../runs`)."""),
     new_code_cell("""import logging, os
 from pathlib import Path
-from types import SimpleNamespace
 import numpy as np
 import torch
 from IPython.display import Image, Markdown, display
@@ -39,7 +37,7 @@ logging.getLogger("pyro").setLevel(logging.WARNING)
 SMOKE = os.environ.get("GENLAB_SMOKE") == "1"
 RUNS = Path(os.environ.get("GENLAB_RUNS", "../runs")) / ("hetero-smoke" if SMOKE else "hetero-study")
 EPOCHS = 3 if SMOKE else 1500
-print("smoke" if SMOKE else "full", "runs in", RUNS.resolve())"""),
+print("smoke" if SMOKE else "full", "runs in", RUNS)"""),
     new_markdown_cell("""## 1. Train (or reuse) the study's runs
 
 Same data (wiggles, 500 / 500 / 1000 points, data seed 0) and training seed for every run;
@@ -56,7 +54,7 @@ standard deviations. The right panel zooms on x < -2, where the true noise sd is
     new_code_cell("""import contextlib, io
 with contextlib.redirect_stdout(io.StringIO()):  # the table is shown in section 4
     paths = rep.compare([str(RUNS / n) for n in rep.STUDY],
-                        SimpleNamespace(out=str(RUNS), split="test", seed=0, data_dir=None))
+                        rep.CompareOptions(out=str(RUNS), split="test", seed=0, data_dir=None))
 fig = {p.stem: p for p in paths}
 display(Image(str(fig["compare_fit"])))
 display(Image(str(fig["compare_sigma"])))"""),

@@ -53,18 +53,6 @@ EPOCHS = 1 if SMOKE else 5          # the study's 5 epochs; checkpoints kept at 
 LIMIT = 64 if SMOKE else None       # training images (all 50,000 for the real run)
 
 
-class Opts:  # what `python -m evaluation RUN --report` would pass, sized for this notebook
-    k, split, seed, data_dir, device, digit, out = [1], "test", 0, DATA, None, None, None
-    limit = 200 if SMOKE else None            # test images for the exact likelihood (None: all 10,000)
-    n_complete = 20 if SMOKE else 100         # images for multi-step completion (the study's 100)
-    samples = 3 if SMOKE else 10              # sampled completions per image
-    n_inpaint_scores = 6 if SMOKE else 50     # images scored per in-painting mask
-    n_inpaint = 4 if SMOKE else 6             # images shown per mask
-    particles = 40 if SMOKE else 500          # IS / SMC / VAE particles per image
-    n_bounds = 50 if SMOKE else 1000          # test images for exact-vs-bounds
-    vae_k = 20 if SMOKE else 500              # VAE importance samples for its IWAE estimate
-    vae_run = None
-
 
 def ensure_run(name):
     # train the run unless its directory already holds it (inference.runner.train_if_missing)
@@ -91,8 +79,20 @@ def show(path):
 
 
 run = ensure_run("pixelrnn-gru32")
-Opts.vae_run = ensure_vae()
-print(f"smoke={SMOKE}; run {run}; VAE run {Opts.vae_run}")
+# the options of `python -m evaluation RUN --k 1 --report --vae-run ...`, sized for this notebook
+OPTS = R.Options(
+    k=[1], split="test", seed=0, data_dir=DATA,
+    limit=200 if SMOKE else None,           # test images for the exact likelihood (None: all 10,000)
+    n_complete=20 if SMOKE else 100,        # images for multi-step completion (the study's 100)
+    samples=3 if SMOKE else 10,             # sampled completions per image
+    n_inpaint_scores=6 if SMOKE else 50,    # images scored per in-painting mask
+    n_inpaint=4 if SMOKE else 6,            # images shown per mask
+    particles=40 if SMOKE else 500,         # IS / SMC / VAE particles per image
+    n_bounds=50 if SMOKE else 1000,         # test images for exact-vs-bounds
+    vae_k=20 if SMOKE else 500,             # VAE importance samples for its IWAE estimate
+    vae_run=ensure_vae(),                   # explicit: None skips the VAE parts
+)
+print(f"smoke={SMOKE}; run {run}; VAE run {OPTS.vae_run}")
 pd.DataFrame(read_metrics(run))
 """)
 
@@ -107,10 +107,10 @@ below; this notebook calls the same function and reads its numbers.
 """)
 
 code(r"""
-_ev = evaluate(run, [1], "test", Opts.limit, seed=0, data_dir=DATA)
+_ev = evaluate(run, OPTS)
 est, summary, cfg, system, data = _ev.estimate, _ev.summary, _ev.config, _ev.system, _ev.data
 print(format_table(summary, cfg))
-paths = R.report(run, cfg, system, data, est, Opts)
+paths = R.report(run, cfg, system, data, est, OPTS)
 rep = json.loads((run / "pixelrnn_report.json").read_text())
 print("max |IWAE - exact log p(x)| =", rep["estimator_vs_exact_max_abs"],
       "; max |ELBO - exact| =", rep["estimator_elbo_vs_exact_max_abs"])

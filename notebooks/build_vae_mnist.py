@@ -59,8 +59,8 @@ def show(paths):
         display(Image(filename=str(p)))
 
 
-class Opts:  # the options `python -m evaluation` would pass
-    k, split, limit, seed, memory_gb, data_dir, device, digit, out = KS, "test", N_TEST, 0, 1.0, DATA, None, 6, None
+# the options of `python -m evaluation compare RUN_A RUN_B --k ... --limit N_TEST`
+COMPARE = R.CompareOptions(k=list(KS), split="test", limit=N_TEST, seed=0, data_dir=DATA)
 """))
 
 cells.append(md("""
@@ -179,7 +179,7 @@ pd.DataFrame(rows).round(3)
 """))
 
 cells.append(code(r"""
-paths = R.compare([str(runs["d=4"]), str(runs["d=20"])], Opts)
+paths = R.compare([str(runs["d=4"]), str(runs["d=20"])], COMPARE)
 show(paths)
 """))
 
