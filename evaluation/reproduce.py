@@ -242,7 +242,7 @@ def run_cell(cell: Cell, run_dir: Path, cfg: RunConfig, k_eval: int, eval_limit:
         log_px=s["iwae"][k_eval]["mean"], se=s["iwae"][k_eval]["se"],
         elbo=s["elbo"]["mean"], elbo_se=s["elbo"]["se"], khat_gt_07=s["khat_gt_0.7"],
         active_units={name: n for name, (n, _) in au.items()},
-        train_seconds=round(sum(r["seconds"] for r in metrics), 1),
+        train_seconds=sum(r["seconds"] for r in metrics),
         train_call_seconds=round(train_call_s, 1),
         device=device_label(ev.config.device), config=asdict(cfg),
     )
@@ -328,9 +328,11 @@ def render(records: dict, cells: Sequence[Cell], meta: dict, skipped: dict) -> s
         f"images after {PAPER_PASSES:,} passes. Training: dynamic binarization, batch 20, "
         f"{meta['schedule']}. Budget: {meta['budget_text']}.",
         "",
+        *([meta["note"], ""] if meta.get("note") else []),
         "| cell | layers | objective | k | training loss | genlab log p(x) | paper | gap | active "
-        "units genlab (paper) | epochs | budget (passes) | train s | device |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "units genlab (paper) | epochs | budget (passes) | train s | 3,280 passes at this speed "
+        "(h) | device |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for cell in ALL_CELLS:
         p_val, p_au = cell.paper
@@ -339,14 +341,15 @@ def render(records: dict, cells: Sequence[Cell], meta: dict, skipped: dict) -> s
         if r is None:
             why = skipped.get(cell.key, "not selected (--cells)" if cell not in cells else "not run")
             lines.append(f"{head} — | not run: {why} | {_fmt(p_val)} | — | — ({p_au}) | — | — | — "
-                         "| — |")
+                         "| — | — |")
             continue
         head += f" {r['config']['loss']} k={r['config']['k']} |"
         shared = "" if r["cell"] == cell.key else f" (run of `{r['cell']}`)"
         lines.append(
             f"{head} {_fmt(r['log_px'])} ± {_fmt(r['se'])}{shared} | {_fmt(p_val)} | "
             f"{_fmt(r['log_px'] - p_val)} | {_au(r)} ({p_au}) | {r['epochs']} | "
-            f"{r['budget']} | {r['train_seconds']:.0f} | {r['device']} |")
+            f"{r['budget']} | {r['train_seconds']:.0f} | "
+            f"{r['train_seconds'] / max(r['epochs'], 1) * PAPER_PASSES / 3600:.1f} | {r['device']} |")
     lines += ["", "Table 1's orderings, on the measured values (difference ± its standard error):",
               ""]
     lines += [f"- {claim}: {verdict}" for claim, verdict in ordering(records)]
@@ -367,7 +370,8 @@ def reproduce(out_dir="runs/reproduce", budget: Optional[int] = None, cells=None
               seed: int = 0, device: str = "cpu", data_dir: Optional[str] = None,
               iwae_loss: str = "IWAE", share_k1: bool = True, train: bool = True,
               results: Optional[str] = None, progress: bool = False, memory_gb: float = 1.0,
-              command: Optional[str] = None, valid_limit: Optional[int] = None) -> dict:
+              command: Optional[str] = None, valid_limit: Optional[int] = None,
+              note: Optional[str] = None) -> dict:
     """Train what is missing, evaluate, and write RESULTS.md (``results``; default
     ``OUT/RESULTS.md``).  ``cells``: Cell objects or keys (default all).  ``train=False``
     only tabulates cells whose runs already hold the budget's epochs.  Returns the records."""
@@ -413,7 +417,7 @@ def reproduce(out_dir="runs/reproduce", budget: Optional[int] = None, cells=None
         command=command or "reproduce(...)", out=str(out), k_eval=k_eval,
         eval_images=", ".join(f"{n:,}" for n in n_images) or "—",
         date=datetime.date.today().isoformat(), budget_text=budget_text, iwae_loss=iwae_loss,
-        schedule=schedule or get_schedule("burda", budget).describe(),
+        schedule=schedule or get_schedule("burda", budget).describe(), note=note,
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, records=records,
@@ -444,12 +448,13 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", help="data root (default $GENLAB_DATA, else the user cache)")
     p.add_argument("--memory-gb", type=float, default=1.0)
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--note", help="a paragraph for RESULTS.md (e.g. the machine's load)")
     a = p.parse_args(argv)
     command = "python -m evaluation.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         reproduce(a.out, a.budget, a.cells, a.k_eval, a.eval_limit, a.limit, a.seed, a.device,
                   a.data_dir, a.iwae_loss, not a.no_share_k1, not a.no_train, a.results,
-                  a.progress, a.memory_gb, command.strip(), a.valid_limit)
+                  a.progress, a.memory_gb, command.strip(), a.valid_limit, a.note)
     except GenlabError as e:
         print(f"reproduce: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -301,7 +301,8 @@ def test_reproduce_smoke_writes_results_from_its_runs(tmp_path, data_dir, monkey
         want = f"{ev['iwae']['8']['mean']:.2f} ± {ev['iwae']['8']['se']:.2f}".replace("-", "−")
         assert cols[5] == want and ev["n"] == 10 and ev["num_samples"] == 8
         assert cols[9] == str(len(metrics)) == "1"
-        assert cols[11] == f"{sum(r['seconds'] for r in metrics):.0f}"
+        seconds = sum(r["seconds"] for r in metrics)
+        assert cols[11] == f"{seconds:.0f}" and cols[12] == f"{seconds * 3280 / 3600:.1f}"
     row = next(line for line in text.splitlines() if line.startswith("| `1L-iwae-k1`"))
     assert "(run of `1L-vae-k1`)" in row
     assert re.search(r"\| `2L-vae-k50` .*not run", text)
