@@ -21,6 +21,7 @@ from typing import Optional
 
 import pyro
 
+from inference import distributed
 from inference.data import Dataset, Split
 from inference.importance import Estimate, estimate_log_marginal
 from inference.runner import BEST, CHECKPOINT, RunConfig, load_checkpoint, restore_params
@@ -185,6 +186,8 @@ def evaluate(run_dir, ks=None, split=None, limit=None, seed=None, memory_gb=None
             device=device, checkpoint=checkpoint, spread=spread)))
     o.check()
     ks = list(o.k)
+    # under torchrun: join the ranks first (on CUDA each rank then uses cuda:LOCAL_RANK)
+    group = distributed.setup(o.device or read_config(run_dir).device, backend="gloo")
     run = load_run(run_dir, o.data_dir, o.device, checkpoint=o.checkpoint)
     cfg, system, data = run
     part = data.split(o.split)
@@ -194,15 +197,21 @@ def evaluate(run_dir, ks=None, split=None, limit=None, seed=None, memory_gb=None
     if hasattr(system, "check_data"):  # e.g. 0/1 pixels for a Bernoulli likelihood
         system.check_data(*inputs)
     pyro.set_rng_seed(o.seed)
+    # each rank estimates its share of the estimator's fixed blocks (the same numbers at any
+    # world size) and every rank gets the joined estimate; rank 0 writes it
     est = estimate_log_marginal(system.model, system.guide, *inputs, num_samples=max(ks),
-                                ks=ks, memory=int(o.memory_gb * (1 << 30)), progress=True)
+                                ks=ks, memory=int(o.memory_gb * (1 << 30)), progress=True,
+                                shard=(group.rank, group.size))
+    if group.active:
+        est = Estimate.concat(group.all_gather_object(est, "gathering the estimates"))
     summary = est.summary() | {"split": o.split, "run": str(run_dir), "system": cfg.system,
                                "seed": o.seed}
     stem = f"eval_{o.split}" + (f"_{Path(o.checkpoint).stem}" if o.checkpoint else "")
     summary["checkpoint"] = run.checkpoint.name
     summary["checkpoint_epoch"] = run.epoch
-    est.save(Path(run_dir) / f"{stem}.npz")
-    (Path(run_dir) / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if group.main:
+        est.save(Path(run_dir) / f"{stem}.npz")
+        (Path(run_dir) / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return Evaluation(run, o.split, part, est, summary)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from evaluation import plotting
 from evaluation.api import EvalOptions, describe, evaluate, read_config
 from evaluation.reports import REPORTS, get_report
+from inference import distributed
 from inference.cli import Parser, fail
 from inference.systems import add_config_arguments
 from models.common import GenlabError, fill_defaults
@@ -168,6 +169,8 @@ def main(argv=None) -> int:
             raise GenlabError(f"{' '.join(extra)} {'is an option' if len(extra) == 1 else 'are options'} "
                               "of the report: add --report")
         ev = evaluate(ns.run_dir, options)
+        if not distributed.current().main:  # under torchrun rank 0 reports and writes
+            return 0
         figures = []
         if ns.report:
             plotting.take_moved()

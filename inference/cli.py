@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
+from inference import distributed
 from inference.runner import RunConfig, train
 from inference.schedules import get_schedule
 from inference.systems import SYSTEMS, add_config_arguments, get_system
@@ -22,14 +24,22 @@ class Parser(argparse.ArgumentParser):
 
 
 def fail(prog: str, err: GenlabError):
-    print(f"{prog}: error: {err}", file=sys.stderr)
+    """Print ``err`` in one line; under torchrun rank 0 prints, and the other ranks print only
+    errors of their own (not those every rank raises alike), prefixed with their rank."""
+    d = distributed.current()
+    world = distributed.world_size_from_env() if not d.active else d.size
+    rank = d.rank if d.active else int(os.environ.get("RANK", "0") or 0) if world > 1 else 0
+    if rank > 0 and getattr(err, "lockstep", False):
+        return getattr(err, "exit_code", 2)
+    who = f" (rank {rank} of {world})" if rank > 0 else ""
+    print(f"{prog}{who}: error: {err}", file=sys.stderr, flush=True)
     return getattr(err, "exit_code", 2)
 
 
 #: What may change on --resume: nothing that changes what the run's numbers mean, except the
 #: learning rate, which a user lowers to continue a diverged run from its last good checkpoint.
 RESUMABLE = ("epochs", "patience", "device", "data_dir", "lr", "checkpoint_every",
-             "divergence_factor")
+             "dist_timeout", "divergence_factor")
 
 
 def _flag(name: str) -> str:
@@ -37,7 +47,7 @@ def _flag(name: str) -> str:
 
 
 #: RunConfig fields that are not flags of their own.
-_NOT_FLAGS = ("system", "system_args", "data_args")
+_NOT_FLAGS = ("system", "system_args", "data_args", "distributed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,9 +114,12 @@ def main(argv=None) -> int:
         if ns.out is None:
             ns.out = f"runs/{ns.system}-{time.strftime('%Y%m%d-%H%M%S')}"
         result = train(cfg, Path(ns.out), resume=ns.resume, progress=not ns.quiet)
+        main_rank = distributed.current().main  # under torchrun only rank 0 reports
     except GenlabError as e:
         return fail(parser.prog, e)
-    if not ns.quiet:
+    finally:
+        distributed.teardown()
+    if not ns.quiet and main_rank:
         last = result.metrics[-1] if result.metrics else None
         tail = f"; validation ELBO {last['val_elbo']:.3f} nats/pt" if last else ""
         stop = " (stopped early)" if result.stopped_early else ""

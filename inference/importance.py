@@ -51,6 +51,7 @@ import math
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Sequence
 
@@ -63,6 +64,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from inference.distributed import derive_seed, share
 from inference.progress import progress as progress_bar
 from models.common import GenlabError
 
@@ -76,6 +78,12 @@ _BYTES_PER_WEIGHT = 32
 MAX_SECONDS = 4 * 3600.0
 #: k-hat thresholds: the raw estimate is trustworthy below the first, the smoothed below the second.
 KHAT_RAW, KHAT_PSIS = 0.5, 0.7
+#: Datapoints per block (mode "cut"; mode "index" uses the plate's own subsample size): the
+#: unit of sampling and of sharding.  Fixed, so the draws never depend on the memory budget.
+BLOCK = 16
+#: The size of one sampling cell (a block of datapoints times a run of particles), bytes by the
+#: same estimate as the memory budget, but fixed: particles per model call are set by it.
+CELL_BYTES = 256 << 20
 
 
 class EstimatorRefusal(GenlabError):
@@ -450,6 +458,19 @@ class Estimate:
     def n(self) -> int:
         return int(self.log_marginal.shape[0])
 
+    @classmethod
+    def concat(cls, parts: Sequence["Estimate"]) -> "Estimate":
+        """One Estimate from the shards of :func:`estimate_log_marginal` (``shard=``), in order."""
+        parts = list(parts)
+        first = parts[0]
+        cat = np.concatenate
+        psis = (None if first.log_marginal_psis is None
+                else cat([p.log_marginal_psis for p in parts]))
+        return cls(cat([p.log_marginal for p in parts]), cat([p.elbo for p in parts]),
+                   {k: cat([p.iwae[k] for p in parts]) for k in first.iwae},
+                   cat([p.khat for p in parts]), cat([p.ess for p in parts]), first.num_samples,
+                   first.per_datapoint, first.summed, first.scaled_sites, psis, first.mode)
+
     def summary(self) -> dict:
         """Means with standard errors across datapoints, and the k-hat summary.
 
@@ -579,6 +600,16 @@ def _index_structure(model, guide, args, kwargs, data_plate: str) -> Structure:
     return st
 
 
+@contextmanager
+def _rng_restored():
+    """Leave the global RNGs as they were (the cells reseed torch's)."""
+    saved = pyro.util.get_rng_state()
+    try:
+        yield
+    finally:
+        pyro.util.set_rng_state(saved)
+
+
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -599,6 +630,7 @@ def estimate_log_marginal(
     memory: int = DEFAULT_MEMORY,
     progress: bool = False,
     max_seconds: Optional[float] = MAX_SECONDS,
+    shard: tuple = (0, 1),
     **kwargs,
 ) -> Estimate:
     """The IWAE estimate of log p(x), the ELBO, IWAE at each k, k-hat, ESS and the PSIS estimate.
@@ -610,6 +642,14 @@ def estimate_log_marginal(
     ``"whole"``) and the K particles in chunks, so that one chunk's values take about
     ``memory`` bytes at most.  Log-sum-exp is taken in float64 over all K draws of each
     datapoint.
+
+    Draws: the datapoints fall into fixed blocks (:data:`BLOCK` datapoints in mode
+    ``"cut"``, the plate's subsample in ``"index"``, all of them in ``"whole"``) and each block's
+    K particles into fixed runs (cells of about :data:`CELL_BYTES`); every cell samples from
+    torch's RNG seeded by (a seed drawn once from the global RNG, block, cell).  So an estimate
+    depends on the global seed and the datapoint's block only, never on ``memory`` or on
+    ``shard``; the global RNG is left as it was but for that one draw.  ``shard=(rank, size)``
+    evaluates only the rank's contiguous share of the blocks (``Estimate.concat`` joins them).
 
     Requests that cannot finish in reason are refused: K log weights of one datapoint must fit
     in ``memory`` (at least 1 GiB), and when the first chunk projects a total above ``max_seconds`` (default
@@ -629,36 +669,40 @@ def estimate_log_marginal(
             "10^5), or raise memory= if the machine has it"
         )
 
+    base_seed = int(torch.randint(0, 1 << 62, (1,)).item())  # the one draw from the global RNG
     _setup_autoguide(guide, args, kwargs)
     n_all = _data_size(args, kwargs)
     st = _structure(model, guide, args, kwargs, data_plate, n_all)
     per = st.per_datapoint
     unit = max(st.bytes_per_unit * _OVERHEAD, 1.0)
-    cells = max(1, int(memory // unit))
+    cells = max(1, int(CELL_BYTES // unit))  # datapoint-particle pairs per call: fixed
     if st.mode == "cut":
-        kb = min(K, cells)
-        nb = min(n_all, max(1, cells // kb), max(1, int(memory // (8 * 4 * K))))
+        nb = BLOCK
         chunks = list(range(0, n_all, nb))
     elif st.mode == "index":
         nb = st.subsample_size
-        kb = max(1, min(K, cells // nb))
         chunks = list(range(0, st.data_size, nb))
     else:
-        kb, nb, chunks = min(K, cells), None, [0]
-    n_parts = len(chunks) * math.ceil(K / kb)
+        nb, chunks = None, [0]
+    kb = max(1, min(K, cells // (nb or 1)))
+    lo, hi = share(len(chunks), *shard)
+    blocks = list(enumerate(chunks))[lo:hi]  # (block index, first datapoint)
+    n_parts = len(blocks) * math.ceil(K / kb)
 
     outs = []
-    bar = progress_bar(len(chunks), f"IWAE K={K}", bool(progress), unit="chunks")
+    bar = progress_bar(len(blocks), f"IWAE K={K}", bool(progress) and shard[0] == 0,
+                       unit="chunks")
     t0, done = time.perf_counter(), 0
-    with torch.no_grad():
-        for start in chunks:
+    with torch.no_grad(), _rng_restored():
+        for block, start in blocks:
             cargs, ckw, sub = args, kwargs, None
             if st.mode == "cut":
                 cargs, ckw = _cut(args, kwargs, n_all, start, start + nb)
             elif st.mode == "index":
                 sub = start
             parts = []
-            for k0 in range(0, K, kb):
+            for cell, k0 in enumerate(range(0, K, kb)):
+                torch.manual_seed(derive_seed(base_seed, block, cell))
                 lw = log_weights(model, guide, cargs, ckw, min(kb, K - k0), st, data_plate,
                                  subsample_start=sub)
                 parts.append(lw.double().reshape(lw.shape[0], -1))
@@ -681,6 +725,10 @@ def estimate_log_marginal(
             outs.append(_weight_stats(lw, ks))
             bar.update(1)
     bar.close()
+    if not outs:  # a shard with no blocks
+        empty = np.zeros(0)
+        return Estimate(empty, empty, {k: empty for k in ks}, empty, empty, K, per,
+                        st.summed(data_plate), st.scaled, empty, st.mode)
     stats = [o[0] for o in outs]
     log_marginal = torch.cat([o.log_marginal for o in stats]).cpu().numpy()
     elbo = torch.cat([o.elbo for o in stats]).cpu().numpy()

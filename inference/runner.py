@@ -42,6 +42,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from inference import distributed
 from inference.losses import LOSSES, make_loss
 from inference.progress import progress
 from inference.schedules import SCHEDULES, get_schedule
@@ -57,12 +58,14 @@ class Interrupted(GenlabError):
     """Training stopped on request (Ctrl-C); the state is saved."""
 
     exit_code = 130
+    lockstep = True  # under torchrun every rank stops at the same step (rank 0 says so)
 
 
 class Diverged(GenlabError):
     """A non-finite loss; the last good checkpoint is kept."""
 
     exit_code = 3
+    lockstep = True
 
 
 @dataclass
@@ -106,6 +109,12 @@ class RunConfig:
     divergence_factor: float = option(1000.0, "stop (exit 3) when the epoch's objective or "
                                       "validation ELBO falls below first - F * max(1, |first|) "
                                       "nats/pt, first = the first step's objective")
+    dist_timeout: float = option(distributed.DEFAULT_TIMEOUT, "under torchrun: seconds a rank "
+                                 "waits for the others (rendezvous, each all-reduce) before it "
+                                 "stops with an error (exit 4)")
+    #: How the run was trained (written by the runner, not a flag): world size, backend, each
+    #: rank's device and host, and the layouts of earlier segments of a resumed run.
+    distributed: dict = field(default_factory=dict)
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "k"):
@@ -130,6 +139,9 @@ class RunConfig:
             raise GenlabError(f"--valid-limit must be a positive integer, got {self.valid_limit}")
         if not self.divergence_factor > 0:
             raise GenlabError(f"--divergence-factor must be positive, got {self.divergence_factor}")
+        if not self.dist_timeout > 0:
+            raise GenlabError(f"--dist-timeout must be a positive number of seconds, got "
+                              f"{self.dist_timeout}")
         checkpoint_interval(self.checkpoint_every)
         if self.schedule is not None:
             s = get_schedule(self.schedule, self.passes)
@@ -313,6 +325,12 @@ BINARIZE_SEED_OFFSET = 2
 VALIDATION_SEED_STRIDE = 7919
 
 
+def rank_seed(seed: int, rank: int, global_step: int) -> int:
+    """The sampling stream of rank ``rank`` > 0 of a torchrun run, started at ``global_step``
+    (rank 0 uses ``seed`` itself, as a plain run does)."""
+    return distributed.derive_seed(int(seed), "rank", int(rank), int(global_step)) % (1 << 32)
+
+
 @dataclass
 class StepRow:
     """One optimizer step: the objective in nats per datapoint and the system's diagnostics."""
@@ -460,23 +478,40 @@ class Trainer:
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.ckpt_path = self.out / CHECKPOINT
         self.notes: list = []  # what the run did that the user did not ask for, said once
+        world = distributed.world_size_from_env()
+        if cfg.batch_size % world:
+            raise distributed.Lockstep(
+                f"--batch-size {cfg.batch_size} does not split among {world} processes: the "
+                f"global batch must be a multiple of the world size (e.g. "
+                f"{max(world, cfg.batch_size - cfg.batch_size % world)} or "
+                f"{cfg.batch_size + world - cfg.batch_size % world})")
+        # under torchrun: the process group (docs/distributed.md); plain runs: distributed.SINGLE
+        self.dist = distributed.setup(cfg.device, cfg.dist_timeout)
+        if not self.dist.main:
+            self.progress = False
+        # one writer per run directory: rank 0 creates it and holds its lock
+        self.lock = self.dist.from_main(lambda: self._open_run(resume))
+        try:
+            self._setup(resume)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _open_run(self, resume: bool) -> "RunLock":
         if not resume:
             self.out.mkdir(parents=True, exist_ok=True)
         elif not self.out.is_dir():
             raise GenlabError(f"{self.out} holds no run to resume")
-        self.lock = RunLock(self.out)  # one writer per run directory
-        try:
-            self._setup(resume)
-        except BaseException:
-            self.lock.release()
-            raise
+        return RunLock(self.out)
 
     def _setup(self, resume: bool) -> None:
         cfg = self.cfg
-        state = self._previous_state(resume)
+        # every rank restores from the same checkpoint: rank 0's, sent to the others
+        state = self.dist.from_main(lambda: self._previous_state(resume), send=True)
         self.spec = get_system(cfg.system)
-        pyro.set_rng_seed(cfg.seed)
-        self.device = torch.device(cfg.device)
+        pyro.set_rng_seed(cfg.seed)  # every rank: the same initial weights
+        self.device = self.dist.device(cfg.device)
         data = self.spec.load_data(cfg)
         train_set, valid_set = data.train, data.valid
         if cfg.limit is not None and cfg.limit > len(train_set):
@@ -487,7 +522,9 @@ class Trainer:
             train_set = train_set.head(cfg.limit)
         if cfg.valid_limit is not None:
             valid_set = valid_set.head(cfg.valid_limit)
-        _atomic_text(self.out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+        cfg.distributed = self._layout(state)
+        if self.dist.main:
+            _atomic_text(self.out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         self.train_set, self.valid_set = train_set.to(self.device), valid_set.to(self.device)
         self.system = self.spec.build(cfg).to(self.device)
         self.objective = Objective(cfg.loss, cfg.k)
@@ -499,6 +536,8 @@ class Trainer:
         self.bin_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + BINARIZE_SEED_OFFSET)
         if state is None:
             self.st = LoopState()
+            if self.dist.rank > 0:  # its own sampling stream (rank 0 keeps the plain run's)
+                pyro.set_rng_seed(rank_seed(cfg.seed, self.dist.rank, 0))
         else:
             self._restore_loop(state)
         self._written: dict = {}
@@ -515,10 +554,10 @@ class Trainer:
         cfg = self.cfg
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        pyro.util.set_rng_state(state["rng"])
         self.shuffle_gen.set_state(state["shuffle_rng"])
         self.bin_gen.set_state(state["binarize_rng"])
         self.st = LoopState.load(state["loop"])
+        self._restore_rng(state)
         old_lr = (state.get("config") or {}).get("lr", cfg.lr)
         if old_lr != cfg.lr:
             now = cfg.lr * cfg.lr_decay ** self.st.epoch
@@ -527,8 +566,47 @@ class Trainer:
             self.sched.base_lrs = [cfg.lr] * len(self.opt.param_groups)
             self.notes.append(f"learning rate changed from {old_lr:g} to {cfg.lr:g} at epoch "
                               f"{self.st.epoch + 1}, step {self.st.step}")
-        if self.st.epoch < cfg.epochs:
+        if self.st.epoch < cfg.epochs and self.dist.main:
             self._retire_results()
+
+    def _restore_rng(self, state: dict) -> None:
+        """Each rank's sampling stream from the checkpoint.  At another world size the batch is
+        split differently, so only rank 0's stream continues; ranks > 0 start streams of their
+        own (:func:`rank_seed` at this global step), and the note says so."""
+        saved = int(state.get("world_size", 1))
+        rank, size = self.dist.rank, self.dist.size
+        if saved == size and size == 1:
+            pyro.util.set_rng_state(state["rng"])  # a plain run, exactly as before
+        elif saved == size and len(state.get("rng_ranks") or ()) == size:
+            pyro.util.set_rng_state(state["rng_ranks"][rank])
+        else:
+            if rank == 0:
+                pyro.util.set_rng_state(state["rng"])
+            else:
+                pyro.set_rng_seed(rank_seed(self.cfg.seed, rank, self.st.global_step))
+            self.notes.append(
+                f"resumed at world size {size} from a checkpoint written at world size {saved} "
+                f"(epoch {self.st.epoch + 1}, step {self.st.step}): parameters, optimizer, "
+                "schedule, shuffling and binarization continue exactly, but each global batch "
+                "is now split into different shares, so the latent draws (each rank's random "
+                "stream) differ from an uninterrupted run's: the losses from here on are "
+                "equally valid, not the same numbers")
+
+    def _layout(self, state: Optional[dict]) -> dict:
+        """config.json's ``distributed``: this run's ranks, and the earlier segments' layouts
+        when a resumed run changed its world size."""
+        layout = self.dist.describe(self.device)
+        if state is None:
+            return layout
+        before = dict((state.get("config") or {}).get("distributed") or {})
+        earlier = list(before.pop("earlier", []))
+        saved = int(state.get("world_size", 1))
+        if saved != self.dist.size:
+            before.setdefault("world_size", saved)
+            earlier.append(before | {"until_global_step": state["loop"]["global_step"]})
+        if earlier:
+            layout["earlier"] = earlier
+        return layout
 
     def _retire_results(self) -> None:
         """Evaluation results and figures describe the parameters they were made from: once
@@ -568,6 +646,7 @@ class Trainer:
                                                 torch.Generator().manual_seed(0))
             self.objective(system.model, system.guide, probe_args, self.n)
         params = [p for _, p in sorted(pyro.get_param_store().named_parameters())]
+        self.dist.broadcast_(params)  # torchrun: every rank starts from rank 0's values
         if cfg.schedule is not None:  # a named schedule fixes the optimizer and every epoch's lr
             s = get_schedule(cfg.schedule, cfg.passes)
             self.opt = torch.optim.Adam(params, lr=s.lr(0), **s.adam)
@@ -581,16 +660,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def snapshot(self) -> dict:
-        return {"format": 1, "system": self.cfg.system, "config": asdict(self.cfg),
+        snap = {"format": 1, "system": self.cfg.system, "config": asdict(self.cfg),
                 "loop": self.st.saved(), **param_state(self.system),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "rng": pyro.util.get_rng_state(), "shuffle_rng": self.shuffle_gen.get_state(),
-                "binarize_rng": self.bin_gen.get_state()}
+                "binarize_rng": self.bin_gen.get_state(), "world_size": self.dist.size}
+        if self.dist.active:  # every rank's sampling stream (rank 0's is also "rng")
+            snap["rng_ranks"] = self.dist.all_gather_object(pyro.util.get_rng_state(),
+                                                            "gathering the ranks' RNG states")
+        return snap
 
     def checkpoint(self, extra_name: Optional[str] = None) -> None:
-        """``checkpoint.pt`` (and ``extra_name``), atomically, with the tables."""
+        """``checkpoint.pt`` (and ``extra_name``), atomically, with the tables; under torchrun
+        every rank calls it at the same step and only rank 0 writes."""
         self._last_save = time.monotonic()
         snap = self.snapshot()
+        if not self.dist.main:
+            return
         atomic_save(snap, self.ckpt_path)
         _write_tables(self.out, self.st.metrics, self.st.steps, self._written)
         if extra_name:
@@ -601,11 +687,15 @@ class Trainer:
         """One optimizer step on the datapoints ``idx``; the objective in nats per datapoint."""
         st, n = self.st, self.n
         rng_before = pyro.util.get_rng_state()
+        # the whole global batch (binarized from the shared generator on every rank, so its
+        # draws do not depend on the world size); under torchrun each rank trains on its share
         args = self.spec.model_inputs(self.train_set, idx.to(self.device), self.bin_gen)
+        mine, weight = self._share(args, len(idx))
         with warnings.catch_warnings():  # a non-finite loss is reported below, once
             warnings.filterwarnings("ignore", message="Encountered NaN")
-            loss = self.objective(self.system.model, self.system.guide, args, n)
-        value = loss.item()
+            loss = (self.objective(self.system.model, self.system.guide, mine, n)
+                    if mine is not None else None)
+        value = loss.item() if not self.dist.active else self._global_loss(loss, weight)
         if not math.isfinite(value):
             pyro.util.set_rng_state(rng_before)
             where = _find_bad_site(self.system, args, n)
@@ -618,10 +708,15 @@ class Trainer:
             st.first_elbo = per_point
         self._check_absurd(per_point, "the step's objective")
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if not self.dist.active:
+            loss.backward()
+        else:  # the P=1 gradient: sum over ranks of (share / batch) x the rank's gradient
+            if loss is not None:
+                (loss * weight).backward()
+            self.dist.all_reduce_grads(self.opt.param_groups[0]["params"])
         self.opt.step()
         extra = None
-        if self.step_metrics is not None:  # the system's own per-step diagnostics
+        if self.step_metrics is not None and self.dist.main:  # the system's own diagnostics
             with torch.no_grad():
                 try:
                     extra = self.step_metrics(*args)
@@ -638,6 +733,27 @@ class Trainer:
         st.step += 1
         st.global_step += 1
         return per_point
+
+    def _share(self, args: tuple, b: int) -> tuple:
+        """(this rank's rows of the global batch ``args``, share / b); a plain run: all of it.
+
+        Each rank's objective carries Pyro's subsampling scale N / b_r for its b_r rows; times
+        b_r / b that is N / b, so the ranks' weighted losses (and gradients) sum to the plain
+        run's on the global batch of b.  A rank whose share of a short last batch is empty
+        contributes nothing (None)."""
+        if not self.dist.active:
+            return args, 1.0
+        lo, hi = distributed.share(b, self.dist.rank, self.dist.size)
+        if hi == lo:
+            return None, 0.0
+        return tuple(a[lo:hi] for a in args), (hi - lo) / b
+
+    def _global_loss(self, loss: Optional[torch.Tensor], weight: float) -> float:
+        """The global batch's loss: the sum over ranks of share-weighted local losses."""
+        t = torch.zeros(1, dtype=torch.float64, device=self.dist._comm_device())
+        if loss is not None:
+            t += loss.detach().double() * weight
+        return float(self.dist.all_reduce(t, "the loss all-reduce").item())
 
     def _check_absurd(self, value: float, what: str) -> None:
         """Finite but absurd divergence: an objective (nats/pt) below
@@ -659,8 +775,9 @@ class Trainer:
         """``--checkpoint-every``: a mid-epoch checkpoint every N steps or T seconds."""
         if self.every_kind == "steps" and self.st.global_step % self.every == 0:
             self.checkpoint()
-        elif self.every_kind == "seconds" and time.monotonic() - self._last_save >= self.every:
-            self.checkpoint()
+        elif self.every_kind == "seconds" and self.dist.any(
+                time.monotonic() - self._last_save >= self.every, "agreeing to checkpoint"):
+            self.checkpoint()  # torchrun: when any rank's clock says so, all ranks together
 
     def run_epoch(self, stop: dict, stop_after_steps: Optional[int] = None) -> None:
         """The rest of the current epoch (from ``st.step``); saves and raises
@@ -674,7 +791,8 @@ class Trainer:
         self.system.train()
         done = 0
         while st.step < self.batches:
-            if stop["stop"] or (stop_after_steps is not None and done >= stop_after_steps):
+            asked = self.dist.any(stop["stop"], "agreeing to stop") if self.dist.active else stop["stop"]
+            if asked or (stop_after_steps is not None and done >= stop_after_steps):
                 self.checkpoint()
                 raise Interrupted(
                     f"interrupted at epoch {st.epoch + 1}, step {st.step}; state saved to "
@@ -710,7 +828,7 @@ class Trainer:
                                seconds=round(seconds, 3), lr=lr))
         st.epoch += 1
         st.step, st.perm = 0, None
-        if self.progress is not False:
+        if self.progress is not False and self.dist.main:
             m = st.metrics[-1]
             print(f"epoch {m['epoch']}: train ELBO {m['train_elbo']:.3f}, "
                   f"validation ELBO {m['val_elbo']:.3f} nats/pt, {m['seconds']:.1f} s", flush=True)
@@ -720,7 +838,7 @@ class Trainer:
         else:
             st.bad_epochs += 1
         self.checkpoint(f"epoch_{st.epoch}.pt" if st.epoch in cfg.keep_epochs else None)
-        if improved or not math.isfinite(val):
+        if (improved or not math.isfinite(val)) and self.dist.main:
             atomic_save(param_state(self.system) | {"system": cfg.system, "config": asdict(cfg),
                                                      "epoch": st.epoch}, self.out / BEST)
         if cfg.patience is not None and st.bad_epochs >= cfg.patience:
@@ -733,7 +851,8 @@ class Trainer:
         try:
             return self._run(stop_after_steps)
         finally:
-            self.lock.release()
+            if self.lock is not None:
+                self.lock.release()
 
     def _run(self, stop_after_steps: Optional[int] = None) -> RunResult:
         stopped_early = False
@@ -741,7 +860,7 @@ class Trainer:
         if self.st.epoch >= self.cfg.epochs:
             self.notes.append(f"the run already has {self.st.epoch} epochs (asked for "
                               f"{self.cfg.epochs}): nothing was trained")
-        for note in self.notes:  # said even with --quiet: these are not progress
+        for note in self.notes if self.dist.main else ():  # said even with --quiet
             print(f"note: {note}", file=sys.stderr, flush=True)
         with sigint_requests_stop() as stop:
             while self.st.epoch < self.cfg.epochs:

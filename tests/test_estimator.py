@@ -471,7 +471,8 @@ def test_chunking_is_invisible_but_for_the_draws():
     assert (np.abs(big.log_marginal - tiny.log_marginal) < Z * se).all()
     d = big.log_marginal - tiny.log_marginal
     assert abs(d.mean()) < Z * math.sqrt((se**2).sum()) / d.size
-    assert not np.array_equal(big.log_marginal, tiny.log_marginal)  # other draws, same law
+    # issue 16: the draws are fixed per block of datapoints, whatever the memory budget
+    assert np.array_equal(big.log_marginal, tiny.log_marginal)
     # the exact guide is deterministic: chunked or not, every value is the truth
     exact_model, exact_guide = make_ppca(mean_factor=1.0, scale_factor=1.0)
     ex = estimate_log_marginal(exact_model, exact_guide, x, num_samples=8, memory=1)
