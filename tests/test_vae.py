@@ -83,10 +83,34 @@ def test_report_and_compare_write_every_figure(tiny_run, tmp_path, capsys):
     assert names == {"reconstruction.png", "generation.png", "corruption.png", "interpolation.png",
                      "loglik_by_digit.png", "likely_unlikely_digit3.png", "elbo_vs_iwae.png",
                      "active_units.png"}
+    capsys.readouterr()
     assert eval_main(["compare", str(tiny_run), str(tiny_run), "--k", "3", "--limit", "20",
                       "--out", str(tmp_path)]) == 0
     assert {p.name for p in tmp_path.iterdir()} == {"compare_loglik.png", "compare_winners.png",
                                                     "compare_generation.png"}
+    # the headline numbers are printed (a run against itself: exactly no difference)
+    out = capsys.readouterr().out
+    assert ("B - A = 0.00 ± 0.00 nats/image (mean ± standard error, IWAE K=3, test n=20); "
+            "B better on 0% of images") in out
+    # a second report and a second compare keep the first figures in figures/old/
+    assert eval_main([str(tiny_run), "--k", "1,5", "--limit", "40", "--report", "--digit", "3"]) == 0
+    assert "8 earlier figure(s) of the same name moved to " in capsys.readouterr().out
+    assert len(list((tiny_run / "figures" / "old").glob("*.png"))) == 8
+    assert eval_main(["compare", str(tiny_run), str(tiny_run), "--k", "3", "--limit", "20",
+                      "--out", str(tmp_path)]) == 0
+    assert {p.name.split(".")[0] for p in (tmp_path / "old").iterdir()} == {
+        "compare_loglik", "compare_winners", "compare_generation"}
+
+
+def test_evaluate_takes_options_or_arguments(tiny_run):
+    from evaluation.api import EvalOptions, evaluate
+
+    a = evaluate(tiny_run, R.Options(k=[1, 5], limit=10, spread=True))
+    b = evaluate(tiny_run, [1, 5], "test", 10, spread=True)
+    assert np.array_equal(a.estimate.log_marginal, b.estimate.log_marginal)
+    assert a.summary == b.summary
+    with pytest.raises(GenlabError, match="--limit must be a positive integer, got 0"):
+        EvalOptions(limit=0)
 
 
 def test_bad_digit_and_wrong_checkpoint(tiny_run, capsys, tmp_path):
