@@ -18,10 +18,10 @@ standard error beside the paper's, active units, wall-clock, epochs, budget, dev
 commands of each cell.  Cells not run say so.  The numbers are also kept per run in
 ``OUT/<key>/reproduce.json`` and for the table in ``OUT/results.json``.
 
-Optimization: the paper's schedule is :func:`inference.schedules.burda` (3,280 passes, or
-``--budget`` passes of the same shape).  Until the runner's ``RunConfig`` has the fields
-``schedule`` and ``passes``, cells train with what it has: ``--budget`` epochs at a constant
-learning rate 10⁻³, batch 20, torch's default Adam (ε = 10⁻⁸); RESULTS.md says which was used.
+Optimization: the paper's schedule, :func:`inference.schedules.burda` (``RunConfig.schedule``
+= "burda", ``passes`` = ``--budget``: 3,280 passes, or ``--budget`` passes of the same shape),
+batch 20.  ``--constant-lr`` trains ``--budget`` epochs at a constant learning rate 10⁻³ with
+torch's default Adam (ε = 10⁻⁸) instead; RESULTS.md states each run's from its config.
 """
 
 from __future__ import annotations
@@ -156,9 +156,11 @@ def run_key(cell: Cell, share_k1: bool = True) -> str:
 
 def cell_config(cell: Cell, budget: Optional[int], iwae_loss: str = "IWAE", seed: int = 0,
                 limit: Optional[int] = None, device: str = "cpu",
-                data_dir: Optional[str] = None, valid_limit: Optional[int] = None) -> tuple:
+                data_dir: Optional[str] = None, valid_limit: Optional[int] = None,
+                constant_lr: bool = False) -> tuple:
     """``(RunConfig, schedule description)`` of a cell trained for ``budget`` passes
-    (None: the paper's 3,280)."""
+    (None: the paper's 3,280): the burda schedule, or with ``constant_lr`` (or a runner
+    without schedules) ``budget`` epochs at lr 1e-3 with torch's default Adam."""
     system, preset = ARCH[cell.layers]
     spec = get_system(system)
     loss = "Trace_ELBO" if cell.objective == "VAE" else iwae_loss
@@ -170,13 +172,17 @@ def cell_config(cell: Cell, budget: Optional[int], iwae_loss: str = "IWAE", seed
     fields = RunConfig.__dataclass_fields__
     if valid_limit is not None and "valid_limit" in fields:  # smoke runs: validate on fewer
         cfg.valid_limit = valid_limit
-    if "schedule" in fields and "passes" in fields:  # the runner knows named schedules
+    if "schedule" in fields and "passes" in fields and not constant_lr:
         cfg.schedule, cfg.passes = "burda", sched.epochs
-        return cfg, sched.describe()
-    # TODO(issue 15): the schedule hook.  Until RunConfig has ``schedule``/``passes``, the
-    # cell trains ``budget`` epochs at a constant lr 1e-3 with torch's default Adam.
-    return cfg, ("constant lr 1e-3, torch's Adam(betas=(0.9, 0.999), eps=1e-8) (the burda "
-                 "schedule is not wired into the runner yet)")
+    return cfg, schedule_of(asdict(cfg))
+
+
+def schedule_of(config: dict) -> str:
+    """How a run's config trains: its named schedule, or a constant learning rate."""
+    if config.get("schedule"):
+        return get_schedule(config["schedule"], config.get("passes")).describe()
+    return (f"constant lr {config['lr']:g}, torch's Adam(betas=(0.9, 0.999), eps=1e-8), batch "
+            f"{config['batch_size']}, {config['epochs']} passes")
 
 
 def commands(cell: Cell, cfg: RunConfig, run_dir: Path, k_eval: int, eval_limit: Optional[int],
@@ -199,8 +205,8 @@ def commands(cell: Cell, cfg: RunConfig, run_dir: Path, k_eval: int, eval_limit:
 
 
 def _matches(saved: dict, cfg: RunConfig) -> Optional[str]:
-    for f in ("system", "loss", "k", "batch_size", "limit", "seed"):
-        if saved.get(f) != getattr(cfg, f):
+    for f in ("system", "loss", "k", "batch_size", "limit", "seed", "schedule", "passes"):
+        if saved.get(f) != getattr(cfg, f, None):
             return f"{f}={saved.get(f)!r}, not {getattr(cfg, f)!r}"
     if saved.get("system_args") != cfg.system_args:
         return f"architecture {saved.get('system_args')}, not {cfg.system_args}"
@@ -325,7 +331,7 @@ def render(records: dict, cells: Sequence[Cell], meta: dict, skipped: dict) -> s
         f"Test log-likelihood in nats per image (higher is better). genlab: IWAE estimate with "
         f"K = {meta['k_eval']} on {meta['eval_images']} MNIST test images (fixed binarization "
         f"of the test split), ± standard error across images. Paper: K = 5000 on the 10,000 test "
-        f"images after {PAPER_PASSES:,} passes. Training: dynamic binarization, batch 20, "
+        f"images after {PAPER_PASSES:,} passes. Training: dynamic binarization; "
         f"{meta['schedule']}. Budget: {meta['budget_text']}.",
         "",
         *([meta["note"], ""] if meta.get("note") else []),
@@ -371,7 +377,7 @@ def reproduce(out_dir="runs/reproduce", budget: Optional[int] = None, cells=None
               iwae_loss: str = "IWAE", share_k1: bool = True, train: bool = True,
               results: Optional[str] = None, progress: bool = False, memory_gb: float = 1.0,
               command: Optional[str] = None, valid_limit: Optional[int] = None,
-              note: Optional[str] = None) -> dict:
+              note: Optional[str] = None, constant_lr: bool = False) -> dict:
     """Train what is missing, evaluate, and write RESULTS.md (``results``; default
     ``OUT/RESULTS.md``).  ``cells``: Cell objects or keys (default all).  ``train=False``
     only tabulates cells whose runs already hold the budget's epochs.  Returns the records."""
@@ -390,7 +396,7 @@ def reproduce(out_dir="runs/reproduce", budget: Optional[int] = None, cells=None
     for cell in cells:
         rkey = run_key(cell, share_k1)  # the cell whose run this cell reads
         cfg, schedule = cell_config(Cell.parse(rkey), budget, iwae_loss, seed, limit, device,
-                                    data_dir, valid_limit)
+                                    data_dir, valid_limit, constant_lr)
         run_dir = out / rkey
         train_cmd, eval_cmd = commands(cell, cfg, run_dir, k_eval, eval_limit, seed)
         if rkey in by_run:
@@ -417,7 +423,8 @@ def reproduce(out_dir="runs/reproduce", budget: Optional[int] = None, cells=None
         command=command or "reproduce(...)", out=str(out), k_eval=k_eval,
         eval_images=", ".join(f"{n:,}" for n in n_images) or "—",
         date=datetime.date.today().isoformat(), budget_text=budget_text, iwae_loss=iwae_loss,
-        schedule=schedule or get_schedule("burda", budget).describe(), note=note,
+        schedule="; ".join(sorted({schedule_of(r["config"]) for r in records.values()}))
+        or schedule or "—", note=note,
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, records=records,
@@ -441,6 +448,9 @@ def main(argv=None) -> int:
                    "(smoke runs; needs a runner with RunConfig.valid_limit)")
     p.add_argument("--iwae-loss", default="IWAE", choices=("IWAE", "DReG"),
                    help="gradient estimator of the IWAE cells (default IWAE)")
+    p.add_argument("--constant-lr", action="store_true", help="train --budget epochs at a "
+                   "constant lr 1e-3 with torch's default Adam instead of the burda schedule "
+                   "(its compressed shape spends small budgets at lr <= 1.9e-4)")
     p.add_argument("--no-share-k1", action="store_true", help="train *-iwae-k1 separately")
     p.add_argument("--no-train", action="store_true", help="only tabulate finished runs")
     p.add_argument("--seed", type=int, default=0)
@@ -454,7 +464,8 @@ def main(argv=None) -> int:
     try:
         reproduce(a.out, a.budget, a.cells, a.k_eval, a.eval_limit, a.limit, a.seed, a.device,
                   a.data_dir, a.iwae_loss, not a.no_share_k1, not a.no_train, a.results,
-                  a.progress, a.memory_gb, command.strip(), a.valid_limit, a.note)
+                  a.progress, a.memory_gb, command.strip(), a.valid_limit, a.note,
+                  a.constant_lr)
     except GenlabError as e:
         print(f"reproduce: error: {e}", file=sys.stderr)
         return e.exit_code

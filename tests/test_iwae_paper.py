@@ -1,5 +1,6 @@
 """Issue 15: the IWAE paper's two-layer pair, DReG/STL gradients, the burda schedule, reproduce."""
 
+import dataclasses
 import json
 import math
 import re
@@ -278,7 +279,13 @@ def test_cells_and_commands(monkeypatch):
         R.Cell.parse("3L-vae-k1")
     cfg, _ = R.cell_config(R.Cell(2, "IWAE", 5), budget=7, iwae_loss="DReG")
     assert (cfg.system, cfg.loss, cfg.k, cfg.batch_size) == ("vae2", "DReG", 5, 20)
-    assert cfg.epochs == 7 or getattr(cfg, "passes", None) == 7
+    assert cfg.epochs == 7 and (cfg.schedule, cfg.passes) == ("burda", 7)
+    assert "burda: 7 passes (of 3280), batch 20" in R.schedule_of(dataclasses.asdict(cfg))
+    cfg, text = R.cell_config(R.Cell(1, "VAE", 1), budget=3, constant_lr=True)
+    assert cfg.schedule is None and cfg.epochs == 3 and cfg.lr == 1e-3
+    assert text.startswith("constant lr 0.001") and "3 passes" in text
+    train, ev = R.commands(R.Cell(1, "VAE", 1), cfg, "runs/x", 5000, None, 0)
+    assert "--epochs 3 --lr 0.001" in train and ev == "python -m evaluation runs/x --k 5000 --seed 0"
 
 
 @pytest.mark.slow
