@@ -23,7 +23,7 @@ import pyro
 
 from inference import distributed
 from inference.data import Dataset, Split
-from inference.importance import Estimate, estimate_log_marginal
+from inference.importance import MAX_SECONDS, Estimate, estimate_log_marginal
 from inference.runner import BEST, CHECKPOINT, RunConfig, load_checkpoint, restore_params
 from inference.systems import get_system
 from models.common import GenlabError, fill_defaults, option
@@ -62,6 +62,8 @@ class EvalOptions:
     device: Optional[str] = option(None, "torch device (default: the run's)")
     checkpoint: Optional[str] = option(None, "a checkpoint file of the run, e.g. epoch_5.pt "
                                        "(default checkpoint.pt; best.pt for runs with --patience)")
+    yes: bool = option(False, "run even when the estimator projects more than "
+                       f"{MAX_SECONDS / 3600:g} hours (it refuses such requests by default)")
 
     def __post_init__(self):
         self.check()
@@ -201,7 +203,8 @@ def evaluate(run_dir, ks=None, split=None, limit=None, seed=None, memory_gb=None
     # world size) and every rank gets the joined estimate; rank 0 writes it
     est = estimate_log_marginal(system.model, system.guide, *inputs, num_samples=max(ks),
                                 ks=ks, memory=int(o.memory_gb * (1 << 30)), progress=True,
-                                shard=(group.rank, group.size))
+                                shard=(group.rank, group.size),
+                                max_seconds=None if o.yes else MAX_SECONDS)
     if group.active:
         est = Estimate.concat(group.all_gather_object(est, "gathering the estimates"))
     summary = est.summary() | {"split": o.split, "run": str(run_dir), "system": cfg.system,

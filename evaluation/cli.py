@@ -98,9 +98,15 @@ def format_table(summary: dict, cfg) -> str:
     for k, v in summary["iwae"].items():
         lines.append(row(f"IWAE k={k}", v))
     lines.append(row("gap IWAE-ELBO", summary["gap"]))
+    if "psis" in summary:
+        lines.append(row(f"PSIS k={summary['num_samples']}", summary["psis"]))
     share = "of datapoints" if not joint else "(the joint weight)"
-    lines.append(f"  k-hat > 0.7 for {100 * summary['khat_gt_0.7']:.1f} % {share}; "
-                 f"mean ESS {summary['ess_mean']:.1f} of {summary['num_samples']}")
+    undefined = summary.get("khat_undefined", 0.0)
+    lines.append(f"  k-hat > 0.5 for {100 * summary.get('khat_gt_0.5', float('nan')):.1f} % {share} "
+                 "(raw IWAE untrustworthy there), > 0.7 for "
+                 f"{100 * summary['khat_gt_0.7']:.1f} % (PSIS untrustworthy too)"
+                 + (f", undefined for {100 * undefined:.1f} %" if undefined else "")
+                 + f"; mean ESS {summary['ess_mean']:.1f} of {summary['num_samples']}")
     if joint:
         lines.append(f"  note: {summary['summed']}")
     return "\n".join(lines)
@@ -191,7 +197,8 @@ def print_result(ev, as_json: bool) -> None:
     if as_json:
         out = {"elbo": summary["elbo"]["mean"],
                "iwae": {str(k): v["mean"] for k, v in summary["iwae"].items()},
-               "khat_gt_0.7": summary["khat_gt_0.7"], "n": summary["n"], "summary": summary}
+               "khat_gt_0.5": summary.get("khat_gt_0.5"), "khat_gt_0.7": summary["khat_gt_0.7"],
+               "n": summary["n"], "summary": summary}
         print(json.dumps(out))
     else:
         print(format_table(summary, ev.config))

@@ -39,6 +39,7 @@ class LineProgress:
         self.stream = stream or sys.stderr
         self.t0 = self.last = time.monotonic()
         self.postfix = ""
+        self.printed = self.n
 
     def line(self) -> str:
         elapsed = time.monotonic() - self.t0
@@ -54,14 +55,15 @@ class LineProgress:
         self.n += n
         now = time.monotonic()
         if now - self.last >= self.every:
-            self.last = now
+            self.last, self.printed = now, self.n
             print(self.line(), file=self.stream, flush=True)
 
     def set_postfix_str(self, s: str) -> None:
         self.postfix = s
 
     def close(self) -> None:
-        if time.monotonic() - self.t0 >= self.every:  # short jobs stay quiet
+        # the last line, unless it was just printed; short jobs stay quiet
+        if time.monotonic() - self.t0 >= self.every and self.printed != self.n:
             print(self.line(), file=self.stream, flush=True)
 
 
