@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,7 +53,7 @@ def main(argv=None) -> int:
         out = root / name
         train_if_missing(rep.study_config(name, ns.epochs), out)
     dirs = [str(root / n) for n in names]
-    opts = SimpleNamespace(out=str(root), split="test", seed=0, data_dir=None)
+    opts = rep.CompareOptions(out=str(root), split="test", seed=0)
     rep.compare(dirs, opts)
     if "homo" in names and "hetero" in names:
         ho = {}

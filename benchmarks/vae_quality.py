@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.cli import evaluate  # noqa: E402
+from evaluation.api import evaluate  # noqa: E402
 from inference.runner import read_metrics  # noqa: E402
 from models.common import GenlabError  # noqa: E402
 
@@ -44,8 +44,9 @@ def main(argv=None) -> int:
     for spec in a.runs:
         run, _, ckpt = spec.partition(":")
         try:
-            est, s, cfg = evaluate(run, [1, a.k], "test", a.limit, a.seed, data_dir=a.data_dir,
-                                   checkpoint=ckpt or None, spread=True)
+            ev = evaluate(run, [1, a.k], "test", a.limit, a.seed, data_dir=a.data_dir,
+                          checkpoint=ckpt or None, spread=True)
+            s, cfg = ev.summary, ev.config
         except GenlabError as e:
             print(f"vae_quality: error: {e}", file=sys.stderr)
             return 2
