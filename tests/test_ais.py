@@ -91,21 +91,21 @@ def test_schedules_run_from_zero_to_one_increasing():
 
 
 def test_ais_reaches_exact_value_where_iwae_5000_is_biased():
-    x = data(12)
+    x = data(24)
     exact = truth(x)
     iw = estimate_log_marginal(model, POOR, x, num_samples=5000)
     est = ais_log_marginal(model, POOR, x, num_chains=32, num_steps=150)
-    assert est.log_marginal.shape == est.se.shape == est.accept_rate.shape == (12,)
-    assert est.step_size.shape == (12,) and est.log_weights.shape == (32, 12)
+    assert est.log_marginal.shape == est.se.shape == est.accept_rate.shape == (24,)
+    assert est.step_size.shape == (24,) and est.log_weights.shape == (32, 24)
     assert est.per_datapoint and (est.se > 0).all()
     err = est.log_marginal - exact
     assert (np.abs(err) < Z * est.se + est.se**2).all(), np.abs(err / est.se).max()
-    # IWAE-5000 is visibly biased: below the truth for every datapoint (a chance of 2**-12
-    # if it were not), on average by many of AIS's standard errors, and further than AIS
+    # IWAE-5000 is visibly biased: below the truth on average by many standard errors of
+    # that average across datapoints, and by many of AIS's own
     bias = exact - iw.log_marginal
-    assert (bias > 0).all()
-    assert bias.mean() > Z * float(np.sqrt((est.se**2).sum()) / est.se.size)
-    assert (np.abs(err) < bias).all()
+    b, b_se = mean_se(bias)
+    assert b > Z_RISE * b_se
+    assert b > Z * float(np.sqrt((est.se**2).sum()) / est.se.size) + np.abs(err).mean()
     # the step-size rule holds the acceptance rate near its target along the schedule
     late = est.accept_trace[est.pilot_steps + (est.num_steps - 1) // 2:]
     m, se = mean_se(late)
