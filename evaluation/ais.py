@@ -78,9 +78,11 @@ from pyro.ops.integrator import potential_grad, velocity_verlet
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from inference.importance import DEFAULT_MEMORY, probe
+from evaluation.api import EvalOptions, describe, load_run
+from inference.importance import DEFAULT_MEMORY, estimate_log_marginal, probe
 from inference.progress import progress as progress_bar
-from models.common import GenlabError
+from inference.systems import get_system
+from models.common import GenlabError, config_defaults
 
 SCHEDULES = ("sigmoid", "linear", "geometric")
 INITS = ("guide", "prior")
@@ -714,39 +716,17 @@ def _ms(a) -> dict:
     return {"mean": float(a.mean()), "se": se}
 
 
-_EVAL_DEFAULTS = dict(k=[1, 10, 100, 1000, 5000], split="test", limit=None, spread=False, seed=0,
-                      memory_gb=1.0, data_dir=None, device=None, checkpoint=None, json=False)
-
-
 def _options(ns) -> dict:
-    """The evaluation's shared options from the namespace; a flag left unset (None) takes the
-    default of ``evaluation.api.EvalOptions`` where it exists."""
-    defaults = dict(_EVAL_DEFAULTS)
-    try:
-        import dataclasses
-
-        from evaluation.api import EvalOptions
-
-        for f in dataclasses.fields(EvalOptions):
-            if f.default is not dataclasses.MISSING:
-                defaults[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                defaults[f.name] = f.default_factory()
-    except ImportError:
-        pass
-    out = {}
-    for name, d in defaults.items():
-        v = getattr(ns, name, None)
-        out[name] = d if v is None else v
-    return out
+    """The evaluation's shared options from the namespace; a flag left unset (None) takes
+    ``evaluation.api.EvalOptions``' default (the one source of the evaluation's defaults)."""
+    out = config_defaults(EvalOptions) | {"json": False}
+    return {name: (d if getattr(ns, name, None) is None else getattr(ns, name))
+            for name, d in out.items()}
 
 
 def run_from_cli(ns, run_dir) -> str:
     """``--estimator ais`` or ``--bdmc``: run it on the run's data, save ``.npz``/``.json`` in
     the run directory, and return the text to print."""
-    from evaluation.api import describe, load_run
-    from inference.importance import estimate_log_marginal
-    from inference.systems import get_system
 
     opt = _options(ns)
     memory_gb, limit = opt["memory_gb"], opt["limit"]

@@ -17,6 +17,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from evaluation import plotting
+from evaluation.ais import add_arguments as add_ais_arguments
+from evaluation.ais import run_from_cli
 from evaluation.api import EvalOptions, describe, evaluate, read_config
 from evaluation.reports import REPORTS, get_report
 from inference import distributed
@@ -75,6 +77,7 @@ def build_parser(options_cls=EvalOptions, system=None) -> argparse.ArgumentParse
                                      f" This run is a {system} run." if system else "")))
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by genlab-train")
     add_config_arguments(p.add_argument_group("evaluation"), EvalOptions)
+    add_ais_arguments(p.add_argument_group("AIS and BDMC (instead of the IWAE estimate)"))
     add_output_flags(p)
     if options_cls is not EvalOptions:
         group = p.add_argument_group(f"options of the {system} report (with --report)")
@@ -174,6 +177,12 @@ def main(argv=None) -> int:
         if extra and not ns.report:
             raise GenlabError(f"{' '.join(extra)} {'is an option' if len(extra) == 1 else 'are options'} "
                               "of the report: add --report")
+        if ns.estimator == "ais" or ns.bdmc:
+            if ns.report:
+                raise GenlabError("--report draws the IWAE figures; run it without "
+                                  "--estimator ais / --bdmc")
+            print(run_from_cli(ns, ns.run_dir))
+            return 0
         ev = evaluate(ns.run_dir, options)
         if not distributed.current().main:  # under torchrun rank 0 reports and writes
             return 0
