@@ -51,8 +51,8 @@ def test_resume_refuses_changed_options(capsys, tmp_path, data_dir):
     out = str(tmp_path / "r")
     assert train_main(["vae", *TINY, "--epochs", "1", "--out", out, "--data-dir", data_dir]) == 0
     code = train_main(["vae", "--resume", "--out", out, "--batch-size", "7"])
-    assert ("only --epochs, --patience, --device, --data-dir, --lr, --checkpoint-every and "
-            "--divergence-factor may change" in one_line_error(capsys, code))
+    assert ("only --epochs, --patience, --device, --data-dir, --lr, --checkpoint-every, "
+            "--dist-timeout and --divergence-factor may change" in one_line_error(capsys, code))
 
 
 def test_train_then_evaluate_json(capsys, tmp_path, data_dir):

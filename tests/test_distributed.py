@@ -223,7 +223,7 @@ def test_a_lost_rank_stops_the_other_with_one_sentence(tmp_path, how):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.wait()
+            p.communicate()  # reap it and close its pipes
     assert procs[0].returncode == 4, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines[-1].startswith("genlab-train: error: rank 0 of 2 lost the other ranks during"), err
