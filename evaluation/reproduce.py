@@ -460,7 +460,11 @@ def main(argv=None) -> int:
     p.add_argument("--progress", action="store_true")
     p.add_argument("--note", help="a paragraph for RESULTS.md (e.g. the machine's load)")
     a = p.parse_args(argv)
-    command = "python -m evaluation.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--note" in args:  # the note is printed as itself, not inside the command
+        i = args.index("--note")
+        del args[i : i + 2]
+    command = "python -m evaluation.reproduce " + " ".join(args)
     try:
         reproduce(a.out, a.budget, a.cells, a.k_eval, a.eval_limit, a.limit, a.seed, a.device,
                   a.data_dir, a.iwae_loss, not a.no_share_k1, not a.no_train, a.results,
