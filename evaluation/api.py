@@ -90,6 +90,16 @@ class LoadedRun:
         return iter((self.config, self.system, self.data))
 
 
+def expect_run(run_dir, system: str, flag: str) -> None:
+    """An option naming a run directory of ``system`` (``--baseline``, ``--vae-run``): checked
+    before any work starts, one sentence otherwise."""
+    if not (Path(run_dir) / "config.json").exists():
+        raise GenlabError(f"{flag} {run_dir} is not a run directory (no config.json)")
+    found = read_config(run_dir).system
+    if found != system:
+        raise GenlabError(f"{run_dir} holds a {found!r} run, not {system!r}")
+
+
 def read_config(run_dir) -> RunConfig:
     """The run's ``config.json`` as a :class:`RunConfig`, or one clear sentence why not."""
     run_dir = Path(run_dir)
@@ -218,17 +228,17 @@ def evaluate(run_dir, ks=None, split=None, limit=None, seed=None, memory_gb=None
     return Evaluation(run, o.split, part, est, summary)
 
 
-def _short(v) -> str:
+def short(v) -> str:
     """A recorded value for people: floats to 6 significant digits (no float32 noise)."""
     if isinstance(v, float):
         return f"{v:.6g}"
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_short(u) for u in v) + "]"
+        return "[" + ", ".join(short(u) for u in v) + "]"
     return str(v)
 
 
 def describe(cfg: RunConfig) -> str:
     """One line naming the run: system, its architecture, data and binarization."""
-    arch = ", ".join(f"{k}={_short(v)}" for k, v in cfg.system_args.items() if v is not None)
-    data = ", ".join(f"{k}={_short(v)}" for k, v in cfg.data_args.items() if v is not None)
+    arch = ", ".join(f"{k}={short(v)}" for k, v in cfg.system_args.items() if v is not None)
+    data = ", ".join(f"{k}={short(v)}" for k, v in cfg.data_args.items() if v is not None)
     return f"{cfg.system} ({arch}) on {data}, loss {cfg.loss} k={cfg.k}"

@@ -20,17 +20,10 @@ if not os.environ.get("MPLBACKEND"):
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from evaluation.api import short  # noqa: E402
+
 OLD = "old"  # the subfolder that receives figures a newer one of the same name replaced
 _moved: list = []
-
-
-def _short(v) -> str:
-    """A recorded value for a title: floats to 6 significant digits (no float32 noise)."""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_short(u) for u in v) + "]"
-    return str(v)
 
 
 def run_title(cfg, extra: str = "") -> str:
@@ -47,7 +40,7 @@ def run_title(cfg, extra: str = "") -> str:
     bits = [" ".join(parts)]
     d = cfg.data_args
     data = "/".join(str(d[k]) for k in ("dataset", "binarization") if d.get(k) is not None)
-    others = [f"{k}={_short(v)}" for k, v in d.items()
+    others = [f"{k}={short(v)}" for k, v in d.items()
               if k not in ("dataset", "binarization") and v is not None]
     data = " ".join(([data] if data else []) + others)
     if data:

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from evaluation.api import EvalOptions, load_run, read_config
+from evaluation.api import EvalOptions, expect_run, load_run
 from evaluation.plotting import image_rows, run_title, save
 from evaluation.reports.vae import loglik_by_digit_figure
 from inference.importance import estimate_log_marginal
@@ -53,12 +53,7 @@ class Options(EvalOptions):
 
 def check_baseline(run_dir) -> None:
     """``--baseline`` names a ``vae`` run directory: one sentence otherwise."""
-    path = Path(run_dir)
-    if not (path / "config.json").exists():
-        raise GenlabError(f"--baseline {run_dir} is not a run directory (no config.json)")
-    system = read_config(path).system
-    if system != "vae":
-        raise GenlabError(f"{run_dir} holds a {system!r} run, not 'vae'")
+    expect_run(run_dir, "vae", "--baseline")
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ import torch
 from matplotlib.patches import Rectangle
 
 from evaluation import inpainting as IP
-from evaluation.api import EvalOptions, load_run, read_config
+from evaluation.api import EvalOptions, expect_run, load_run
 from evaluation.plotting import image_rows, run_title, save
 from inference.importance import estimate_log_marginal
 from inference.runner import load_checkpoint, restore_params
@@ -86,12 +86,7 @@ class CompareOptions(EvalOptions):
 
 def check_vae_run(run_dir) -> None:
     """``--vae-run`` names a ``vae`` run directory: one sentence otherwise."""
-    path = Path(run_dir)
-    if not (path / "config.json").exists():
-        raise GenlabError(f"--vae-run {run_dir} is not a run directory (no config.json)")
-    system = read_config(path).system
-    if system != "vae":
-        raise GenlabError(f"--vae-run {run_dir} holds a {system!r} run, not 'vae'")
+    expect_run(run_dir, "vae", "--vae-run")
 
 
 def spread(x: torch.Tensor, n) -> torch.Tensor:
