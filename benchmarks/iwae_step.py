@@ -1,7 +1,10 @@
 """Per-step cost of the runner's SVI step against plain PyTorch on the IWAE paper's two
 architectures, at the paper's batch 20 and at 128; and what DReG costs over IWAE.
 
-    python benchmarks/iwae_step.py [--seconds 60] [--k 5]
+    python benchmarks/iwae_step.py [--seconds 60] [--k 5] [--threads 1]
+
+On a busy 2-core machine use ``--threads 1`` (or OMP_NUM_THREADS=1): with torch's two threads
+competing with other jobs, steps of a few milliseconds measured 100-400 ms, in no stable ratio.
 
 Contenders, per (architecture, batch), all interleaved in one run (A B C ... then reversed,
 blocks of steps; the figure is the median over blocks of block time / steps):
@@ -113,7 +116,10 @@ def main(argv=None) -> None:
     ap.add_argument("--seconds", type=float, default=60.0, help="timed seconds in all")
     ap.add_argument("--k", type=int, default=5, help="particles of the IWAE/DReG rows")
     ap.add_argument("--per-block", type=int, default=5)
+    ap.add_argument("--threads", type=int, help="torch threads (default torch's)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, pyro {pyro.__version__}; torch threads "
           f"{torch.get_num_threads()}, machine cores {os.cpu_count()}, load "
           f"{os.getloadavg()[0]:.2f}")
