@@ -16,6 +16,41 @@ on a mini-batch of B datapoints of N.  It is computed from the unscaled log weig
 log-probability by the subsampling factor N / B *inside* its log-sum-exp, which is a different
 (biased) objective on mini-batches; on an unsubsampled batch the two agree (tests).  N is the
 data plate's full size, read from the plate itself.
+
+``DReG_IWAE`` (name ``"DReG"``) — the same loss value as ``IWAE`` (bit for bit, with the same
+use of the RNG), with the doubly-reparameterized gradient of Tucker, Lawson, Gu & Maddison
+(2019) for the guide's parameters φ and the usual IWAE gradient for the model's parameters θ:
+
+.. math::
+
+    \nabla_\theta = \sum_k \tilde w_k \nabla_\theta \log w_k, \qquad
+    \nabla_\phi = \sum_k \tilde w_k^2 \,
+        \frac{\partial \log w_k}{\partial z_k} \frac{\partial z_k}{\partial \phi},
+    \qquad \tilde w_k = w_k / \textstyle\sum_j w_j .
+
+``STL_ELBO`` (name ``"STL"``) — the ELBO averaged over k particles (the mean log weight) with
+the "sticking the landing" gradient of Roeder, Wu & Duvenaud (2017): the same path derivative
+with weights 1/k.
+
+How the path derivative is obtained, for any Pyro guide: the total derivative of
+:math:`\log w_k` in φ is the path term plus the explicit term
+:math:`-\partial_\phi \log q_\phi(z)|_z` (the score, zero in expectation).  The guide is run
+a second time, replayed (``poutine.replay``) against its own trace with every sampled value
+*detached*; the log density of that replay, :math:`\log q_\phi(\mathrm{sg}(z))`, has exactly
+the explicit term as its φ-gradient, so adding it cancels the score.  For a hierarchical guide
+such as q(z1 | x) q(z2 | z1) this keeps the path through z1 into q(z2 | z1)'s parameters, which
+re-scoring each site under its distribution with detached parameters (``site["fn"]``) would
+drop: that shortcut is biased for hierarchical guides (tests/test_iwae_paper.py checks the
+unbiasedness on one).  The gradients of θ (the model trace's ``pyro.param``/``pyro.module``
+parameters) and φ (the guide trace's) are taken separately with ``torch.autograd.grad`` and
+returned through a surrogate ``value + (s - sg(s))``, ``s = Σ_p <p, g_p>``, whose value is the
+loss exactly and whose gradient in each parameter p is g_p.
+
+Limits: every guide sample site must be reparameterized (``has_rsample``), else one sentence
+refuses it; a parameter used by both the model and the guide is refused (its gradient would be
+neither θ's nor φ's); only the traces' parameters receive gradients (not other tensors that
+require grad); it costs one more guide pass and a second backward through the model (1.16-1.19x
+IWAE's step at batch 20, benchmarks/iwae_step.py).
 """
 
 from __future__ import annotations
