@@ -27,6 +27,8 @@ from inference.importance import MAX_SECONDS, Estimate, estimate_log_marginal
 from inference.runner import BEST, CHECKPOINT, RunConfig, load_checkpoint, restore_params
 from inference.systems import get_system
 from models.common import GenlabError, fill_defaults, option
+from models.iwae import TwoLayerVAE, active_units
+from models.vae import VAE
 
 
 def k_list(text) -> list:
@@ -219,6 +221,10 @@ def evaluate(run_dir, ks=None, split=None, limit=None, seed=None, memory_gb=None
         est = Estimate.concat(group.all_gather_object(est, "gathering the estimates"))
     summary = est.summary() | {"split": o.split, "run": str(run_dir), "system": cfg.system,
                                "seed": o.seed}
+    if isinstance(system, (VAE, TwoLayerVAE)) and len(part) > 1:
+        # Burda et al.'s Table 2 criterion per stochastic layer, on the evaluated images
+        summary["active_units"] = {layer: n for layer, (n, _) in
+                                   active_units(system, part.x).items()}
     stem = f"eval_{o.split}" + (f"_{Path(o.checkpoint).stem}" if o.checkpoint else "")
     summary["checkpoint"] = run.checkpoint.name
     summary["checkpoint_epoch"] = run.epoch

@@ -43,7 +43,7 @@ import torch
 
 from inference.runner import CHECKPOINT, RunConfig, load_checkpoint, read_metrics, train_if_missing
 from inference.schedules import get_schedule
-from inference.systems import SYSTEMS, get_system
+from inference.systems import get_system
 from models.common import GenlabError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,43 +101,6 @@ def parse_cells(text: Optional[str]) -> list:
     if text is None or text.strip() == "all":
         return list(ALL_CELLS)
     return [Cell.parse(t) for t in text.split(",") if t.strip()]
-
-
-# ----------------------------------------------------------------------------- the 2-layer system
-def two_layer_system():
-    """The ``vae2`` row of the systems table (the lines proposed for ``inference/systems.py``),
-    built for whichever shape of :class:`inference.systems.System` this checkout has."""
-    from dataclasses import fields  # noqa: PLC0415
-
-    from inference import systems as S  # noqa: PLC0415
-    from models import iwae  # noqa: PLC0415
-
-    names = {f.name for f in fields(S.System)}
-    common = dict(name="vae2", help="two-stochastic-layer VAE of the IWAE paper, "
-                  "784-200-200-100-100-50 tanh (models/iwae.py)",
-                  resolve=lambda args: iwae.iwae2_args(**args), load=S._load_images,
-                  resolve_data=S._resolve_images, inputs=("x",))
-    if "system_config" in names:  # the table of config dataclasses
-        from inference import data as D  # noqa: PLC0415
-
-        return S.System(model_file="iwae.py", system_config=iwae.IWAE2Config,
-                        data_config=D.ImageData,
-                        build_model=lambda args, data_args: iwae.build_iwae2(**args),
-                        doc="iwae_paper.md", notebook="", **common)
-    return S.System(build_model=lambda args: iwae.build_iwae2(**args), default_loss="Trace_ELBO",
-                    system_options=[("--preset", dict(help="iwae-2layer (the paper's)"), None)],
-                    data_options=S._IMAGE_DATA, **common)
-
-
-def ensure_two_layer_system() -> bool:
-    """Register ``vae2`` in-process when ``inference/systems.py`` lacks it; True if it did.
-
-    TODO(issue 15): a stopgap until ``inference/systems.py`` registers ``vae2``; delete then.
-    """
-    if "vae2" in SYSTEMS:
-        return False
-    SYSTEMS["vae2"] = two_layer_system()
-    return True
 
 
 # ----------------------------------------------------------------------------- one cell
@@ -388,7 +351,6 @@ def reproduce(out_dir="runs/reproduce", budget: Optional[int] = None, cells=None
         raise GenlabError(f"--iwae-loss must be IWAE or DReG, got {iwae_loss!r}")
     if k_eval < 1:
         raise GenlabError(f"--k-eval must be a positive integer, got {k_eval}")
-    ensure_two_layer_system()
     records: dict = {}
     skipped: dict = {}
     schedule = None

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from inference import data as data_module
-from models import cvae, dirichlet, hetero, meta, pixelrnn, vae
+from models import cvae, dirichlet, hetero, iwae, meta, pixelrnn, vae
 from models.common import GenlabError, config_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,6 +285,14 @@ SYSTEMS = {
         resolve=_keywords(pixelrnn.pixelrnn_args), resolve_data=_resolve_images,
         load=_load_images, inputs=("x",), doc="pixel_rnn.md",
         notebook="pixel_rnn_inpainting.ipynb"),
+    "vae2": System(
+        name="vae2", help="two-stochastic-layer VAE of the IWAE paper, "
+        "784-200-200-z1(100)-100-100-z2(50) tanh (models/iwae.py)",
+        model_file="iwae.py", system_config=iwae.IWAE2Config,
+        data_config=data_module.ImageData,
+        build_model=_only_system_args(iwae.build_iwae2),
+        resolve=_keywords(iwae.iwae2_args), resolve_data=_resolve_images,
+        load=_load_images, inputs=("x",), doc="iwae_paper.md", notebook="vae_mnist.ipynb"),
 }
 
 

@@ -69,6 +69,7 @@ def test_every_system_is_complete():
 #: The smallest command lines that still use each system's defaults for everything else.
 SMALL = {
     "vae": ["--limit", "64", "--valid-limit", "64"],
+    "vae2": ["--limit", "64", "--valid-limit", "64"],
     "cvae": ["--limit", "64", "--valid-limit", "64"],
     "pixelrnn": ["--limit", "16", "--valid-limit", "8", "--batch-size", "8"],
     "hetero": [],

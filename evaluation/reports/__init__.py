@@ -14,12 +14,12 @@ by default the system's name).
 
 from __future__ import annotations
 
-from evaluation.reports import cvae, dirichlet, hetero, meta, pixelrnn, vae
+from evaluation.reports import cvae, dirichlet, hetero, meta, pixelrnn, vae, vae2
 from inference.systems import SYSTEMS, get_system
 from models.common import GenlabError
 
 #: module name -> report module
-MODULES = {m.__name__.rsplit(".", 1)[1]: m for m in (cvae, dirichlet, hetero, meta, pixelrnn, vae)}
+MODULES = {m.__name__.rsplit(".", 1)[1]: m for m in (cvae, dirichlet, hetero, meta, pixelrnn, vae, vae2)}
 
 #: system name -> report module (every system of inference.systems that has one)
 REPORTS = {name: MODULES[spec.report or name] for name, spec in SYSTEMS.items()

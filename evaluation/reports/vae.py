@@ -26,6 +26,7 @@ import torch
 from evaluation.api import EvalOptions, evaluate
 from evaluation.plotting import image_rows, run_title, save
 from models.common import GenlabError, option
+from models.iwae import active_units as unit_activity
 
 FLIP_RATES = (0.0, 0.05, 0.1, 0.2, 0.3)
 BLOCKS = (8, 14)
@@ -231,12 +232,11 @@ def bounds_figure(est, cfg):
     return fig
 
 
-@torch.no_grad()
 def active_units(vae, x: torch.Tensor, threshold: float = 0.01):
-    """Burda et al.'s activity A_u = Cov_x(E_q[z_u]) per latent unit, and the active count."""
-    loc, _ = vae.encode(x)
-    var = _np(loc.var(0, unbiased=True))
-    return var, int((var > threshold).sum())
+    """Burda et al.'s activity A_u = Cov_x(E_q[z_u]) per latent unit, and the active count
+    (:func:`models.iwae.active_units`, the one implementation, for the single layer ``z``)."""
+    count, var = unit_activity(vae, x, threshold)["z"]
+    return var, count
 
 
 def active_units_figure(var: np.ndarray, cfg, threshold: float = 0.01):
