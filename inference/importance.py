@@ -655,6 +655,30 @@ def estimate_log_marginal(
     in ``memory`` (at least 1 GiB), and when the first chunk projects a total above ``max_seconds`` (default
     four hours) the call stops with the projection; ``max_seconds=None`` lifts the limit.
     """
+    K, ks = _check_request(num_samples, ks, memory)
+    base_seed = int(torch.randint(0, 1 << 62, (1,)).item())  # the one draw from the global RNG
+    _setup_autoguide(guide, args, kwargs)
+    n_all = _data_size(args, kwargs)
+    st = _structure(model, guide, args, kwargs, data_plate, n_all)
+    plan = _Plan.make(st, n_all, K, shard)
+    clock = _Clock(plan.n_parts, K, max_seconds)
+    outs = []
+    bar = progress_bar(len(plan.blocks), f"IWAE K={K}", bool(progress) and shard[0] == 0,
+                       unit="chunks")
+    with torch.no_grad(), _rng_restored():
+        try:
+            for block, start in plan.blocks:
+                lw = _block_log_weights(model, guide, args, kwargs, st, plan, block, start,
+                                        base_seed, data_plate, clock)
+                outs.append(_weight_stats(lw, ks))
+                bar.update(1)
+        finally:
+            bar.close()
+    return _assemble(outs, st, K, ks, data_plate)
+
+
+def _check_request(num_samples, ks, memory) -> tuple:
+    """(K, sorted ks including K), or one sentence why the request is refused."""
     K = int(num_samples)
     if K < 1:
         raise GenlabError(f"the number of importance samples must be at least 1, got {num_samples}")
@@ -668,66 +692,84 @@ def estimate_log_marginal(
             f"{max(memory, DEFAULT_MEMORY) / 2**30:.2f} GiB; use fewer samples (IWAE gains little beyond 10^4 to "
             "10^5), or raise memory= if the machine has it"
         )
+    return K, ks
 
-    base_seed = int(torch.randint(0, 1 << 62, (1,)).item())  # the one draw from the global RNG
-    _setup_autoguide(guide, args, kwargs)
-    n_all = _data_size(args, kwargs)
-    st = _structure(model, guide, args, kwargs, data_plate, n_all)
-    per = st.per_datapoint
-    unit = max(st.bytes_per_unit * _OVERHEAD, 1.0)
-    cells = max(1, int(CELL_BYTES // unit))  # datapoint-particle pairs per call: fixed
+
+@dataclass
+class _Plan:
+    """The fixed blocks of datapoints and cells of particles an estimate is drawn in."""
+
+    nb: Optional[int]  # datapoints per block (None: all of them, mode "whole")
+    kb: int  # particles per cell
+    blocks: list  # (block index, first datapoint) of this shard
+    n_parts: int  # calls of log_weights in all
+
+    @classmethod
+    def make(cls, st: Structure, n_all, K: int, shard: tuple) -> "_Plan":
+        unit = max(st.bytes_per_unit * _OVERHEAD, 1.0)
+        cells = max(1, int(CELL_BYTES // unit))  # datapoint-particle pairs per call: fixed
+        if st.mode == "cut":
+            nb, chunks = BLOCK, list(range(0, n_all, BLOCK))
+        elif st.mode == "index":
+            nb = st.subsample_size
+            chunks = list(range(0, st.data_size, nb))
+        else:
+            nb, chunks = None, [0]
+        kb = max(1, min(K, cells // (nb or 1)))
+        lo, hi = share(len(chunks), *shard)
+        blocks = list(enumerate(chunks))[lo:hi]
+        return cls(nb, kb, blocks, len(blocks) * math.ceil(K / kb))
+
+
+class _Clock:
+    """Times the first call and refuses a projected total above ``max_seconds``."""
+
+    def __init__(self, n_parts: int, K: int, max_seconds: Optional[float]):
+        self.n_parts, self.K, self.max_seconds = n_parts, K, max_seconds
+        self.t0, self.done = time.perf_counter(), 0
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.done == 1 and self.n_parts > 1 and self.max_seconds is not None:
+            projected = (time.perf_counter() - self.t0) * self.n_parts
+            if projected > self.max_seconds:
+                raise EstimatorRefusal(
+                    f"this estimate would take about {_duration(projected)} ({self.K} "
+                    f"samples in {self.n_parts} chunks, timed on the first), above "
+                    f"max_seconds={self.max_seconds:g}; use fewer samples or datapoints, or "
+                    "pass max_seconds=None (genlab-eval --yes) to run it anyway"
+                )
+
+
+def _block_log_weights(model, guide, args, kwargs, st: Structure, plan: _Plan, block: int,
+                       start: int, base_seed: int, data_plate: str, clock: _Clock) -> torch.Tensor:
+    """float64 log weights ``(K, n_block)`` of one block, each cell of particles drawn from
+    torch's RNG seeded by (base seed, block, cell)."""
+    cargs, ckw, sub = args, kwargs, None
     if st.mode == "cut":
-        nb = BLOCK
-        chunks = list(range(0, n_all, nb))
+        cargs, ckw = _cut(args, kwargs, _data_size(args, kwargs), start, start + plan.nb)
     elif st.mode == "index":
-        nb = st.subsample_size
-        chunks = list(range(0, st.data_size, nb))
-    else:
-        nb, chunks = None, [0]
-    kb = max(1, min(K, cells // (nb or 1)))
-    lo, hi = share(len(chunks), *shard)
-    blocks = list(enumerate(chunks))[lo:hi]  # (block index, first datapoint)
-    n_parts = len(blocks) * math.ceil(K / kb)
+        sub = start
+    K, parts = clock.K, []
+    for cell, k0 in enumerate(range(0, K, plan.kb)):
+        torch.manual_seed(derive_seed(base_seed, block, cell))
+        lw = log_weights(model, guide, cargs, ckw, min(plan.kb, K - k0), st, data_plate,
+                         subsample_start=sub)
+        parts.append(lw.double().reshape(lw.shape[0], -1))
+        clock.tick()
+    lw = torch.cat(parts, 0)
+    if st.mode == "index":
+        # the last block is moved left to end at N: keep only datapoints not yet done
+        first = max(0, min(start, st.data_size - plan.nb))
+        lw = lw[:, start - first:]
+    return lw
 
-    outs = []
-    bar = progress_bar(len(blocks), f"IWAE K={K}", bool(progress) and shard[0] == 0,
-                       unit="chunks")
-    t0, done = time.perf_counter(), 0
-    with torch.no_grad(), _rng_restored():
-        for block, start in blocks:
-            cargs, ckw, sub = args, kwargs, None
-            if st.mode == "cut":
-                cargs, ckw = _cut(args, kwargs, n_all, start, start + nb)
-            elif st.mode == "index":
-                sub = start
-            parts = []
-            for cell, k0 in enumerate(range(0, K, kb)):
-                torch.manual_seed(derive_seed(base_seed, block, cell))
-                lw = log_weights(model, guide, cargs, ckw, min(kb, K - k0), st, data_plate,
-                                 subsample_start=sub)
-                parts.append(lw.double().reshape(lw.shape[0], -1))
-                done += 1
-                if done == 1 and n_parts > 1 and max_seconds is not None:
-                    projected = (time.perf_counter() - t0) * n_parts
-                    if projected > max_seconds:
-                        bar.close()
-                        raise EstimatorRefusal(
-                            f"this estimate would take about {_duration(projected)} ({K} "
-                            f"samples in {n_parts} chunks, timed on the first), above "
-                            f"max_seconds={max_seconds:g}; use fewer samples or datapoints, or "
-                            "pass max_seconds=None (genlab-eval --yes) to run it anyway"
-                        )
-            lw = torch.cat(parts, 0)
-            if st.mode == "index":
-                # the last block is moved left to end at N: keep only datapoints not yet done
-                first = max(0, min(start, st.data_size - nb))
-                lw = lw[:, start - first:]
-            outs.append(_weight_stats(lw, ks))
-            bar.update(1)
-    bar.close()
+
+def _assemble(outs: list, st: Structure, K: int, ks: list, data_plate: str) -> Estimate:
+    """One :class:`Estimate` from the blocks' ``(WeightStats, psis)``."""
     if not outs:  # a shard with no blocks
         empty = np.zeros(0)
-        return Estimate(empty, empty, {k: empty for k in ks}, empty, empty, K, per,
+        return Estimate(empty, empty, {k: empty for k in ks}, empty, empty, K, st.per_datapoint,
                         st.summed(data_plate), st.scaled, empty, st.mode)
     stats = [o[0] for o in outs]
     log_marginal = torch.cat([o.log_marginal for o in stats]).cpu().numpy()
@@ -736,5 +778,5 @@ def estimate_log_marginal(
     khat = np.concatenate([o.khat for o in stats])
     ess = torch.cat([o.ess for o in stats]).cpu().numpy()
     psis = np.concatenate([o[1] for o in outs])
-    return Estimate(log_marginal, elbo, iwae, khat, ess, K, per, st.summed(data_plate),
-                    st.scaled, psis, st.mode)
+    return Estimate(log_marginal, elbo, iwae, khat, ess, K, st.per_datapoint,
+                    st.summed(data_plate), st.scaled, psis, st.mode)
