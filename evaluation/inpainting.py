@@ -60,7 +60,7 @@ import pyro.distributions as dist
 import torch
 from torch.nn import functional as F
 
-from inference.importance import log_weights, probe, weight_stats
+from inference.importance import KHAT_PSIS, KHAT_RAW, log_weights, probe, weight_stats
 from models.common import GenlabError, check_binary, data_plate
 
 #: Enumeration limit: 2^16 completions per image.
@@ -194,7 +194,8 @@ class InpaintResult:
             out["log_cond"] = float(np.mean(np.asarray(log_joint_truth) - self.log_marginal))
         if not np.all(np.isnan(self.ess)):
             out["ess"] = float(np.mean(self.ess))
-            out["khat_gt_0.7"] = float(np.mean(self.khat > 0.7))
+            out["khat_gt_0.5"] = float(np.mean(self.khat > KHAT_RAW))
+            out["khat_gt_0.7"] = float(np.mean(self.khat > KHAT_PSIS))
         return out
 
 
@@ -274,6 +275,35 @@ def _bern_lp(logit: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return -F.binary_cross_entropy_with_logits(logit, v.to(logit.dtype), reduction="none")
 
 
+def _resample_rows(w: torch.Tensor, ess_threshold: float, generator) -> tuple:
+    """SMC's multinomial resampling of the images whose ESS fell below ``ess_threshold * K``:
+    (which images resample ``(N,)``, the new particle-major row of every particle, or None when
+    none resamples).  ``w`` are the log weights since the last resampling, ``(K, N)``."""
+    K, n = w.shape
+    ess = torch.exp(2 * torch.logsumexp(w, 0) - torch.logsumexp(2 * w, 0))
+    low = ess < ess_threshold * K
+    if not bool(low.any()):
+        return low, None
+    probs = torch.softmax(w, 0).T.float()  # (N, K)
+    idx = torch.multinomial(probs, K, replacement=True, generator=generator)  # (N, K)
+    idx = torch.where(low.unsqueeze(-1), idx, torch.arange(K).expand(n, K))
+    return low, (idx.T * n + torch.arange(n)).reshape(-1)  # particle k of image i <- idx[i,k]*N+i
+
+
+def _tail_log_prob(gru, xs, h, logit, last: int, memory: int) -> torch.Tensor:
+    """log p of the observed pixels after the last missing one, per particle row (float64),
+    the GRU run in row chunks of about ``memory`` bytes of activations."""
+    T = gru.x_dim
+    per_row = 6 * 4 * (T - last) * max(gru.hidden, max(gru.head_sizes, default=1))
+    rows = max(1, int(memory // per_row))
+    tail = torch.empty(xs.shape[0], dtype=torch.float64)
+    for s in range(0, xs.shape[0], rows):
+        lg = _run(gru, xs[s : s + rows, last + 1 : T - 1], h[:, s : s + rows].contiguous())
+        lg = torch.cat([logit[s : s + rows].unsqueeze(-1), lg], 1)
+        tail[s : s + rows] = _bern_lp(lg, xs[s : s + rows, last + 1 :]).sum(-1).double()
+    return tail
+
+
 @torch.no_grad()
 def importance_inpaint(gru, x: torch.Tensor, missing, num_particles: int = 500, smc: bool = False,
                        ess_threshold: float = 0.5, ks: Sequence[int] = (1, 10),
@@ -315,28 +345,17 @@ def importance_inpaint(gru, x: torch.Tensor, missing, num_particles: int = 500, 
         lw += obs_lp
         lo += obs_lp
         if smc and t < last and bool((~mt).any()):
-            w = lw.reshape(K, n)
-            ess = torch.exp(2 * torch.logsumexp(w, 0) - torch.logsumexp(2 * w, 0))
-            low = ess < ess_threshold * K
-            if bool(low.any()):
-                probs = torch.softmax(w, 0).T.float()  # (N, K)
-                idx = torch.multinomial(probs, K, replacement=True, generator=generator)  # (N, K)
-                idx = torch.where(low.unsqueeze(-1), idx, torch.arange(K).expand(n, K))
-                rows = (idx.T * n + ar).reshape(-1)  # new particle k of image i <- row idx[i,k]*N+i
+            low, rows = _resample_rows(lw.reshape(K, n), ess_threshold, generator)
+            if rows is not None:
+                w = lw.reshape(K, n)
                 log_norm += torch.where(low, torch.logsumexp(w, 0) - math.log(K), 0.0)
                 resamplings += low.long()
                 xs, h, lq, lo = xs[rows], h[:, rows], lq[rows], lo[rows]
                 lw = torch.where(low.repeat(K), torch.zeros_like(lw), lw[rows])
         if t < T - 1:
             logit, h = gru.step(xs[:, t], h)
-    if last < T - 1:  # the observed pixels after the last missing one, in row chunks
-        per_row = 6 * 4 * (T - last) * max(gru.hidden, max(gru.head_sizes, default=1))
-        rows = max(1, int(memory // per_row))
-        tail = torch.empty(K * n, dtype=torch.float64)
-        for s in range(0, K * n, rows):
-            lg = _run(gru, xs[s : s + rows, last + 1 : T - 1], h[:, s : s + rows].contiguous())
-            lg = torch.cat([logit[s : s + rows].unsqueeze(-1), lg], 1)
-            tail[s : s + rows] = _bern_lp(lg, xs[s : s + rows, last + 1 :]).sum(-1).double()
+    if last < T - 1:  # the observed pixels after the last missing one
+        tail = _tail_log_prob(gru, xs, h, logit, last, memory)
         lw += tail
         lo += tail
     lw_k = lw.reshape(K, n)

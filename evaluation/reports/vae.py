@@ -25,6 +25,7 @@ import torch
 
 from evaluation.api import EvalOptions, evaluate
 from evaluation.plotting import image_rows, run_title, save
+from inference.importance import KHAT_PSIS, KHAT_RAW
 from models.common import GenlabError, option
 from models.iwae import active_units as unit_activity
 
@@ -220,13 +221,15 @@ def bounds_figure(est, cfg):
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     finite = est.khat[np.isfinite(est.khat)]  # psislw gives inf when K is too small to fit a tail
     bx.hist(finite if finite.size else [0.0], bins=40, color="0.4", label="images")
-    for v, c, what in ((0.5, "C2", "0.5: good below"), (0.7, "C3", "0.7: unreliable above")):
+    for v, c, what in ((KHAT_RAW, "C2", f"{KHAT_RAW}: raw IWAE unreliable above"),
+                       (KHAT_PSIS, "C3", f"{KHAT_PSIS}: PSIS unreliable above")):
         bx.axvline(v, color=c, ls=":", lw=1.5, label=f"k-hat = {what}")
     n_inf = int((~np.isfinite(est.khat)).sum())
     bx.set_xlabel("Pareto k-hat per image (K draws)" + (f"; {n_inf} not estimable" if n_inf else ""))
     bx.set_ylabel("images")
     bx.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-    bx.set_title(f"k-hat > 0.7: {np.mean(est.khat > 0.7):.1%} of images", fontsize=9)
+    bx.set_title(f"k-hat > {KHAT_RAW}: {np.mean(est.khat > KHAT_RAW):.1%}, > {KHAT_PSIS}: "
+                 f"{np.mean(est.khat > KHAT_PSIS):.1%} of images", fontsize=9)
     fig.suptitle(run_title(cfg, f"ELBO vs IWAE, n={est.n}"), fontsize=9)
     fig.tight_layout()
     return fig
