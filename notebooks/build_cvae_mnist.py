@@ -41,7 +41,7 @@ from models.cvae import CVAE
 
 SMOKE = os.environ.get("GENLAB_SMOKE") == "1"
 RUNS = Path(os.environ.get("GENLAB_RUNS", "../runs"))
-DATA = os.environ.get("GENLAB_DATA", "../../shared/data")
+DATA = os.environ.get("GENLAB_DATA")  # None: the library finds it ($GENLAB_DATA, else the user cache)
 EPOCHS = 1 if SMOKE else 50
 LIMIT = 300 if SMOKE else None
 K = 20 if SMOKE else 1000

@@ -48,7 +48,7 @@ from evaluation.reports import pixelrnn as R
 
 SMOKE = os.environ.get("GENLAB_SMOKE") == "1"
 RUNS = Path(os.environ.get("GENLAB_RUNS", "../runs"))
-DATA = os.environ.get("GENLAB_DATA", "../../shared/data")
+DATA = os.environ.get("GENLAB_DATA")  # None: the library finds it ($GENLAB_DATA, else the user cache)
 EPOCHS = 1 if SMOKE else 5          # the study's 5 epochs; checkpoints kept at 0, 1 and 5
 LIMIT = 64 if SMOKE else None       # training images (all 50,000 for the real run)
 

@@ -36,7 +36,7 @@ from evaluation.reports import vae as R
 
 SMOKE = os.environ.get("GENLAB_SMOKE") == "1"
 RUNS = Path(os.environ.get("GENLAB_RUNS", "../runs"))
-DATA = os.environ.get("GENLAB_DATA", "../../shared/data")
+DATA = os.environ.get("GENLAB_DATA")  # None: the library finds it ($GENLAB_DATA, else the user cache)
 EPOCHS = 1 if SMOKE else 50                # real runs: 50 epochs, batch 128, Adam 1e-3, dynamic binarization
 LIMIT = 300 if SMOKE else None
 K = 20 if SMOKE else 1000                  # importance samples per test image
