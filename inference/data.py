@@ -130,6 +130,14 @@ def data_root(data_dir: Optional[str] = None) -> Path:
     return Path(env).expanduser() if env else cache_dir() / "data"
 
 
+def spread_indices(total: int, n: int) -> torch.Tensor:
+    """The one "spread" subset: ``n`` indices evenly through ``0..total-1``, i * total // n
+    (all of them when n >= total).  For sorted files, such as Larochelle's binarized-MNIST test
+    set (ordered by class), where "the first n" would be one class."""
+    n = min(int(n), int(total))
+    return torch.arange(n) * int(total) // n
+
+
 @dataclass
 class Split:
     """One split as tensors.  ``x`` is ``(N, 784)`` float32; ``y`` is ``(N,)`` int64 or None.
@@ -175,8 +183,7 @@ class Split:
     def spread(self, n: int) -> "Split":
         """``n`` datapoints spread evenly through the split (datapoint i * len // n), for files
         that are sorted, like Larochelle's binarized-MNIST test set (ordered by class)."""
-        n = min(n, len(self))
-        idx = torch.arange(n) * len(self) // n
+        idx = spread_indices(len(self), n)
         return Split(self.x[idx], None if self.y is None else self.y[idx], self.dynamic)
 
     def subset(self, limit: Optional[int], spread: bool = False) -> "Split":

@@ -100,3 +100,14 @@ def test_pixelrnn_trains_with_every_loss_its_help_offers(loss, k, tmp_path, data
             "--quiet", "--loss", loss, "--k", str(k), "--hidden", "4", "--head", "4",
             *SMALL["pixelrnn"]]
     assert train_main(argv) == 0
+
+
+def test_one_spread_formula_picks_the_same_images_everywhere():
+    import torch
+
+    from evaluation.reports.pixelrnn import spread
+    from inference.data import Split
+
+    x = torch.arange(103.0).unsqueeze(-1)
+    for n in (1, 7, 50, 103, 500):
+        assert torch.equal(spread(x, n), Split(x).spread(n).x)

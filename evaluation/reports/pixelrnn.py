@@ -37,6 +37,7 @@ from matplotlib.patches import Rectangle
 from evaluation import inpainting as IP
 from evaluation.api import EvalOptions, expect_run, load_run
 from evaluation.plotting import image_rows, run_title, save
+from inference.data import spread_indices
 from inference.importance import KHAT_PSIS, KHAT_RAW, estimate_log_marginal
 from inference.runner import load_checkpoint, restore_params
 from models.common import GenlabError, option
@@ -97,7 +98,7 @@ def spread(x: torch.Tensor, n) -> torch.Tensor:
     """
     if n is None or n >= x.shape[0]:
         return x
-    return x[torch.linspace(0, x.shape[0] - 1, int(n)).round().long()]
+    return x[spread_indices(x.shape[0], n)]  # the data module's one formula (``--spread``)
 
 
 def checkpoints(run_dir) -> dict:
