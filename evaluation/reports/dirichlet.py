@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -123,7 +124,8 @@ def sbc(alpha, replications: int = 200, symbols: int = 20, draws: int = 99, bins
         out = Path(tempfile.mkdtemp(prefix="genlab-sbc-"))
     out = Path(out)
     if not (out / "config.json").exists():
-        train(cfg, out, progress=False)
+        print(f"SBC: fitting {replications} replications by SVI into {out}", file=sys.stderr)
+        train(cfg, out, progress=None)  # a bar on a terminal, lines with an ETA in a log
     cfg, system, data = load_run(out, expect_system="dirichlet")
     use_final_state(out, system)
     truth = np.asarray(data.source["p_true"])
@@ -149,7 +151,7 @@ def nuts_check(x, alpha, num_samples: int = 1000, warmup: int = 500, seed: int =
     post = dirichlet.posterior_concentration(alpha, dirichlet.counts(x, alpha.shape[0]))
     pyro.set_rng_seed(seed)
     mcmc = MCMC(NUTS(dirichlet.model), num_samples=int(num_samples), warmup_steps=int(warmup),
-                num_chains=1, disable_progbar=True)
+                num_chains=1, disable_progbar=not sys.stderr.isatty())
     mcmc.run(x, alpha)
     az = _import_arviz()
     az_log = logging.getLogger("arviz")
