@@ -55,6 +55,7 @@ IWAE's step at batch 20, benchmarks/iwae_step.py).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pyro
@@ -64,6 +65,18 @@ from pyro.distributions.util import scale_and_mask
 
 from inference.importance import _data_frame, _sample_sites, _traces, log_weights, probe
 from models.common import GenlabError
+
+
+class _NoPlateNestingGuess(logging.Filter):
+    """Pyro logs "Guessed max_plate_nesting = N" at INFO, and its "pyro" logger prints INFO to
+    stderr: every vectorized ELBO would add that line to genlab's output.  The guess is right
+    (the plates declare it), so the record is dropped; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Guessed max_plate_nesting")
+
+
+logging.getLogger("pyro.infer.elbo").addFilter(_NoPlateNestingGuess())
 
 #: Loss names the runner accepts; ``RenyiELBO`` is an alias of ``IWAE``.
 LOSSES = ("Trace_ELBO", "TraceMeanField_ELBO", "IWAE", "RenyiELBO", "DReG", "STL")

@@ -168,3 +168,10 @@ def test_a_named_schedule_sets_every_epochs_learning_rate_and_adams_settings(tmp
         hetero(passes=3).check()
     with pytest.raises(GenlabError, match="sets its own optimizer"):
         hetero(schedule="burda", optimizer="clipped_adam").check()
+
+
+def test_no_library_noise_in_the_output(tmp_path, capfd):
+    """Pyro logs its max_plate_nesting guess at INFO on stderr; genlab's output stays clean."""
+    train(hetero(epochs=1, k=3), tmp_path / "r", progress=False)
+    out, err = capfd.readouterr()
+    assert "Guessed max_plate_nesting" not in out + err

@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,25 +145,41 @@ def sbc(alpha, replications: int = 200, symbols: int = 20, draws: int = 99, bins
     return result
 
 
+@contextmanager
+def _quiet_logs():
+    """Library log records below ERROR are dropped inside, and Pyro's and arviz's loggers are
+    left as they were found (MCMC configures Pyro's at INFO with a handler of its own)."""
+    names = ("pyro", "pyro.infer", "pyro.infer.mcmc", "arviz")
+    saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers)) for n in names}
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+        for n, (level, handlers) in saved.items():
+            log = logging.getLogger(n)
+            log.setLevel(level)
+            log.handlers[:] = handlers
+
+
 def nuts_check(x, alpha, num_samples: int = 1000, warmup: int = 500, seed: int = 0) -> dict:
     """NUTS on the single-sequence model; arviz summary beside the exact Beta marginals."""
     alpha = dirichlet.check_alpha(alpha)
     x = torch.as_tensor(x)
     post = dirichlet.posterior_concentration(alpha, dirichlet.counts(x, alpha.shape[0]))
     pyro.set_rng_seed(seed)
-    mcmc = MCMC(NUTS(dirichlet.model), num_samples=int(num_samples), warmup_steps=int(warmup),
-                num_chains=1, disable_progbar=not sys.stderr.isatty())
-    mcmc.run(x, alpha)
-    az = _import_arviz()
-    az_log = logging.getLogger("arviz")
-    level = az_log.level
-    az_log.setLevel(logging.ERROR)  # one chain: arviz warns that it cannot compute r-hat
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        idata = az.from_pyro(mcmc, log_likelihood=False)
-        summary = az.summary(idata, var_names=["p"])
-    az_log.setLevel(level)
+    with _quiet_logs():  # MCMC sets Pyro's loggers to INFO (later ELBOs would print guesses)
+        mcmc = MCMC(NUTS(dirichlet.model), num_samples=int(num_samples), warmup_steps=int(warmup),
+                    num_chains=1, disable_progbar=not sys.stderr.isatty())
+        mcmc.run(x, alpha)
+        az = _import_arviz()
+        # one chain: arviz warns (log and RuntimeWarning) that it cannot compute r-hat
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            idata = az.from_pyro(mcmc, log_likelihood=False)
+            summary = az.summary(idata, var_names=["p"])
     A = float(post.sum())
     exact_mean = (post / A).tolist()
     exact_sd = [math.sqrt(b * (A - b) / (A * A * (A + 1))) for b in post.tolist()]
