@@ -79,6 +79,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from evaluation.api import EvalOptions, describe, load_run
+from evaluation.plotting import plt, run_title, save
 from inference.importance import DEFAULT_MEMORY, estimate_log_marginal, probe
 from inference.progress import progress as progress_bar
 from inference.systems import get_system
@@ -724,6 +725,69 @@ def _options(ns) -> dict:
             for name, d in out.items()}
 
 
+def ais_figure(est: AISEstimate, iw, cfg):
+    """One run's AIS against its IWAE estimate on the same images: per image (scatter on shared
+    axes with the identity), the difference AIS − IWAE-K, and the acceptance rate and step size
+    along the schedule (pilot first), so the adaptation can be seen working."""
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4.2))
+    a, b = iw.log_marginal, est.log_marginal
+    ax[0].scatter(a, b, s=6, alpha=0.6)
+    lim = [min(a.min(), b.min()), max(a.max(), b.max())]
+    ax[0].plot(lim, lim, "k:", lw=1, label="AIS = IWAE")
+    ax[0].set_xlabel(f"IWAE-{iw.num_samples} log p(x), nats")
+    ax[0].set_ylabel(f"AIS (T = {est.num_steps}, {est.num_chains} chains), nats")
+    ax[0].set_aspect("equal", adjustable="datalim")
+    ax[0].legend(fontsize=8)
+    ax[0].set_title("per image", fontsize=9)
+    d = b - a
+    ax[1].hist(d, bins=40, color="0.4")
+    ax[1].axvline(0, color="k", lw=0.8)
+    ax[1].axvline(d.mean(), color="C3", ls="--", label=f"mean {d.mean():.3f} nats")
+    ax[1].set_xlabel(f"AIS − IWAE-{iw.num_samples}, nats per image")
+    ax[1].set_ylabel("images")
+    ax[1].legend(fontsize=8)
+    ax[1].set_title(f"how far below AIS IWAE lies (n = {d.size})", fontsize=9)
+    t = np.arange(len(est.accept_trace))
+    ax[2].plot(t, est.accept_trace, lw=0.8, label="acceptance (mean over images)")
+    ax[2].axhline(est.target_accept, color="k", lw=0.6, ls=":", label="target")
+    ax[2].set_xlabel("transition (pilot, then the schedule)")
+    ax[2].set_ylabel("acceptance rate")
+    ax[2].set_ylim(0, 1.05)
+    tw = ax[2].twinx()
+    tw.plot(t, est.step_trace, color="C1", lw=0.8)
+    tw.set_ylabel("step size (geometric mean)", color="C1")
+    tw.set_yscale("log")
+    ax[2].legend(fontsize=8, loc="lower right")
+    ax[2].set_title("HMC adaptation along the schedule", fontsize=9)
+    fig.suptitle(run_title(cfg, f"AIS vs IWAE-{iw.num_samples} on the same images"), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def bdmc_figure(res: BDMCResult, cfg, num_steps: int, num_chains: int):
+    """BDMC on simulated images: the lower (forward) and upper (reverse) AIS bound of every
+    image on shared axes, and the gap between them."""
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4.2))
+    lo, hi = res.lower, res.upper
+    order = np.argsort(lo)
+    ax[0].plot(lo[order], "o", ms=3, label="lower (forward AIS)")
+    ax[0].plot(hi[order], "o", ms=3, mfc="none", label="upper (reverse AIS)")
+    ax[0].set_xlabel("simulated image (sorted by the lower bound)")
+    ax[0].set_ylabel("log p(x) bound, nats")
+    ax[0].legend(fontsize=8)
+    ax[0].set_title("the sandwich per image", fontsize=9)
+    ax[1].hist(res.gap, bins=30, color="0.4")
+    ax[1].axvline(res.gap.mean(), color="C3", ls="--", label=f"mean gap {res.gap.mean():.3f}")
+    ax[1].set_xlabel("upper − lower, nats")
+    ax[1].set_ylabel("simulated images")
+    ax[1].legend(fontsize=8)
+    ax[1].set_title("AIS's own error bound (stochastic: it holds on average)", fontsize=9)
+    fig.suptitle(run_title(cfg, f"BDMC, T = {num_steps}, {num_chains} chains, "
+                                f"n = {lo.size} simulated"), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def run_from_cli(ns, run_dir) -> str:
     """``--estimator ais`` or ``--bdmc``: run it on the run's data, save ``.npz``/``.json`` in
     the run directory, and return the text to print."""
@@ -754,6 +818,7 @@ def run_from_cli(ns, run_dir) -> str:
         summary = res.summary() | info
         res.save(run_dir / "bdmc.npz")
         (run_dir / "bdmc.json").write_text(json.dumps(summary, indent=2) + "\n")
+        figure = save(bdmc_figure(res, cfg, ns.steps, ns.chains), run_dir, "bdmc")
         if opt["json"]:
             return json.dumps(summary)
         s = summary
@@ -767,7 +832,7 @@ def run_from_cli(ns, run_dir) -> str:
             f"  {'gap upper - lower':<22}{s['gap']['mean']:>12.3f} ± {s['gap']['se']:.3f}",
             f"  acceptance {s['accept_rate']['forward']:.2f} forward, "
             f"{s['accept_rate']['reverse']:.2f} reverse; {s['seconds']:.1f} s",
-            f"saved: {run_dir / 'bdmc.npz'}"])
+            f"saved: {run_dir / 'bdmc.npz'}", f"figure: {figure}"])
     est = ais_log_marginal(system.model, system.guide, *inputs, **opts)
     ks = sorted(set(opt["k"]))
     pyro.set_rng_seed(seed)
@@ -785,6 +850,7 @@ def run_from_cli(ns, run_dir) -> str:
              khat=iw.khat, iwae_num_samples=np.array(K),
              **{f"iwae_{k}": v for k, v in iw.iwae.items()})
     (run_dir / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    figure = save(ais_figure(est, iw, cfg), run_dir, stem)
     if opt["json"]:
         return json.dumps(summary)
     a = summary["ais"]
@@ -804,5 +870,5 @@ def run_from_cli(ns, run_dir) -> str:
         f"  acceptance {a['accept_rate']:.2f} (target {a['target_accept']:.2f}); "
         f"{a['evaluations_per_datapoint']} log-joint evaluations per datapoint; "
         f"{a['seconds']:.1f} s",
-        f"saved: {run_dir / (stem + '.npz')}"]
+        f"saved: {run_dir / (stem + '.npz')}", f"figure: {figure}"]
     return "\n".join(lines)

@@ -307,3 +307,22 @@ def test_command_line_hook_on_a_tiny_vae_run(tmp_path, data_dir):
     b = np.load(out / "bdmc.npz")
     assert b["lower"].shape == b["upper"].shape == b["gap"].shape == (5,)
     assert json.loads((out / "bdmc.json").read_text())["n"] == 5
+
+
+def test_per_run_figures_show_the_per_image_comparison_and_the_sandwich(tmp_path):
+    from types import SimpleNamespace
+
+    from evaluation.ais import ais_figure, bdmc_figure
+
+    x = data(12)
+    est = ais_log_marginal(model, POOR, x, num_chains=4, num_steps=10)
+    iw = estimate_log_marginal(model, POOR, x, num_samples=50)
+    cfg = SimpleNamespace(system="ppca", system_args={}, data_args={}, loss="Trace_ELBO", k=1)
+    fig = ais_figure(est, iw, cfg)
+    assert "AIS vs IWAE-50 on the same images" in fig._suptitle.get_text()
+    left = fig.axes[0]
+    assert left.get_xlabel().startswith("IWAE-50") and left.get_ylabel().startswith("AIS (T = 10")
+    assert len(left.collections[0].get_offsets()) == 12  # one point per image
+    res = bdmc(model, POOR, x, n=12, num_chains=2, num_steps=5)
+    fig2 = bdmc_figure(res, cfg, 5, 2)
+    assert "BDMC, T = 5, 2 chains, n = 12 simulated" in fig2._suptitle.get_text()
