@@ -280,31 +280,32 @@ def test_chunked_datapoints_and_chain_groups_do_not_mix(tmp_path):
 
 # ----------------------------------------------------------------------------- command line
 @pytest.mark.slow  # trains a tiny run and loads MNIST: about 10-30 s on the shared 2 cores
-def test_command_line_hook_on_a_tiny_vae_run(tmp_path, data_dir):
-    from evaluation.ais import add_arguments, run_from_cli
-    from evaluation.cli import build_parser
+def test_command_line_hook_on_a_tiny_vae_run(tmp_path, data_dir, capsys):
+    from evaluation.cli import main as eval_main
     from inference.cli import main as train_main
 
     out = tmp_path / "run"
     assert train_main(["vae", "--latent-dim", "2", "--hidden", "16", "--limit", "128",
                        "--batch-size", "64", "--quiet", "--epochs", "1", "--out", str(out),
                        "--data-dir", data_dir]) == 0
-    p = build_parser()
-    add_arguments(p)
+    capsys.readouterr()
     common = ["--limit", "3", "--chains", "4", "--steps", "3", "--leapfrog", "1",
               "--data-dir", data_dir]
-    text = run_from_cli(p.parse_args([str(out), "--estimator", "ais", "--k", "1,10", *common]),
-                        out)
-    assert "AIS - IWAE-10" in text and "ELBO" in text
-    z = np.load(out / "ais_test.npz")
+    assert eval_main([str(out), "--estimator", "ais", "--k", "1,10", *common]) == 0
+    text = capsys.readouterr().out
+    assert "AIS - IWAE-10" in text and "ELBO" in text and "figure: " in text
+    with np.load(out / "ais_test.npz") as npz:
+        z = dict(npz)
     assert z["log_marginal"].shape == z["iwae_log_marginal"].shape == z["elbo"].shape == (3,)
     assert "iwae_1" in z and int(z["num_chains"]) == 4
     s = json.loads((out / "ais_test.json").read_text())
     assert s["ais"]["n"] == 3 and s["iwae"]["10"]["mean"] == pytest.approx(
         float(z["iwae_10"].mean()))
-    text = run_from_cli(p.parse_args([str(out), "--bdmc", "--n", "5", *common]), out)
-    assert "gap upper - lower" in text
-    b = np.load(out / "bdmc.npz")
+    assert eval_main([str(out), "--bdmc", "--n", "5", *common]) == 0
+    assert "gap upper - lower" in capsys.readouterr().out
+    assert (out / "figures" / "ais_test.png").exists() and (out / "figures" / "bdmc.png").exists()
+    with np.load(out / "bdmc.npz") as npz:
+        b = dict(npz)
     assert b["lower"].shape == b["upper"].shape == b["gap"].shape == (5,)
     assert json.loads((out / "bdmc.json").read_text())["n"] == 5
 
