@@ -717,12 +717,12 @@ def _ms(a) -> dict:
     return {"mean": float(a.mean()), "se": se}
 
 
-def _options(ns) -> dict:
-    """The evaluation's shared options from the namespace; a flag left unset (None) takes
-    ``evaluation.api.EvalOptions``' default (the one source of the evaluation's defaults)."""
-    out = config_defaults(EvalOptions) | {"json": False}
-    return {name: (d if getattr(ns, name, None) is None else getattr(ns, name))
-            for name, d in out.items()}
+def _options(ns) -> EvalOptions:
+    """The evaluation's shared options from the namespace (a flag left unset takes
+    :class:`evaluation.api.EvalOptions`' default; its checks run on construction)."""
+    given = {name: getattr(ns, name) for name in config_defaults(EvalOptions)
+             if getattr(ns, name, None) is not None}
+    return EvalOptions(**given)
 
 
 def ais_figure(est: AISEstimate, iw, cfg):
@@ -793,20 +793,16 @@ def run_from_cli(ns, run_dir) -> str:
     the run directory, and return the text to print."""
 
     opt = _options(ns)
-    memory_gb, limit = opt["memory_gb"], opt["limit"]
-    if memory_gb <= 0:
-        raise GenlabError(f"--memory-gb must be positive, got {memory_gb}")
-    if limit is not None and limit < 1:
-        raise GenlabError(f"--limit must be a positive integer, got {limit}")
-    run = load_run(run_dir, opt["data_dir"], opt["device"], checkpoint=opt["checkpoint"])
+    as_json = bool(getattr(ns, "json", False))
+    run = load_run(run_dir, opt.data_dir, opt.device, checkpoint=opt.checkpoint)
     cfg, system, data = run
-    split = opt["split"]
-    part = data.split(split).subset(limit, opt["spread"])
+    split = opt.split
+    part = data.split(split).subset(opt.limit, opt.spread)
     inputs = get_system(cfg.system).model_inputs(part)
     if hasattr(system, "check_data"):
         system.check_data(*inputs)
-    seed = opt["seed"]
-    memory = int(memory_gb * (1 << 30))
+    seed = opt.seed
+    memory = int(opt.memory_gb * (1 << 30))
     opts = dict(num_chains=ns.chains, num_steps=ns.steps, leapfrog_steps=ns.leapfrog,
                 schedule=getattr(ns, "schedule", "sigmoid"), memory=memory, progress=True)
     info = {"run": str(run_dir), "system": cfg.system, "seed": seed,
@@ -819,7 +815,7 @@ def run_from_cli(ns, run_dir) -> str:
         res.save(run_dir / "bdmc.npz")
         (run_dir / "bdmc.json").write_text(json.dumps(summary, indent=2) + "\n")
         figure = save(bdmc_figure(res, cfg, ns.steps, ns.chains), run_dir, "bdmc")
-        if opt["json"]:
+        if as_json:
             return json.dumps(summary)
         s = summary
         return "\n".join([
@@ -834,7 +830,7 @@ def run_from_cli(ns, run_dir) -> str:
             f"{s['accept_rate']['reverse']:.2f} reverse; {s['seconds']:.1f} s",
             f"saved: {run_dir / 'bdmc.npz'}", f"figure: {figure}"])
     est = ais_log_marginal(system.model, system.guide, *inputs, **opts)
-    ks = sorted(set(opt["k"]))
+    ks = sorted(set(opt.k))
     pyro.set_rng_seed(seed)
     iw = estimate_log_marginal(system.model, system.guide, *inputs, num_samples=ks[-1], ks=ks,
                                memory=memory, progress=True)
@@ -851,7 +847,7 @@ def run_from_cli(ns, run_dir) -> str:
              **{f"iwae_{k}": v for k, v in iw.iwae.items()})
     (run_dir / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
     figure = save(ais_figure(est, iw, cfg), run_dir, stem)
-    if opt["json"]:
+    if as_json:
         return json.dumps(summary)
     a = summary["ais"]
     lines = [describe(cfg),
