@@ -91,8 +91,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         if f.metadata.get("choices"):
             kwargs["choices"] = tuple(f.metadata["choices"])
         parse = f.metadata.get("parse") or _parser_for(str(f.type))  # annotations are strings
-        if parse is None:
-            kwargs["action"] = argparse.BooleanOptionalAction
+        if parse is None:  # a switch: --flag sets True (a True default gets --no-flag too)
+            kwargs["action"] = ("store_const" if defaults[f.name] is False
+                                else argparse.BooleanOptionalAction)
+            if defaults[f.name] is False:
+                kwargs["const"] = True
+                kwargs["help"] = f.metadata.get("help", "")
         elif parse is not str:
             kwargs["type"] = parse
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
