@@ -55,7 +55,7 @@ def rank_uniformity(ranks, num_draws: int, bins: int = 10) -> dict:
     Returns ``counts`` ``(bins, D)``, ``expected`` (per bin), ``chi2`` and ``pvalue`` ``(D,)``,
     and ``pvalue_bonferroni`` (one number).
     """
-    from scipy import stats
+    from scipy import stats  # heavy; only the uniformity test needs it (arviz brings scipy)
 
     ranks = np.asarray(ranks)
     if ranks.ndim == 1:

@@ -41,10 +41,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from evaluation.api import evaluate
 from inference.runner import CHECKPOINT, RunConfig, load_checkpoint, read_metrics, train_if_missing
 from inference.schedules import get_schedule
 from inference.systems import get_system
 from models.common import GenlabError
+from models.iwae import active_units
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,8 +182,6 @@ def run_cell(cell: Cell, run_dir: Path, cfg: RunConfig, k_eval: int, eval_limit:
              seed: int = 0, data_dir: Optional[str] = None, progress: bool = False,
              memory_gb: float = 1.0) -> dict:
     """Train (if missing), evaluate (if not yet at this epoch and K) and measure one cell."""
-    from evaluation.api import evaluate  # noqa: PLC0415
-    from models.iwae import active_units  # noqa: PLC0415
 
     run_dir = Path(run_dir)
     ckpt = run_dir / CHECKPOINT

@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from models.common import GenlabError
 
@@ -114,7 +115,6 @@ class Dist:
     def all_reduce(self, tensor: torch.Tensor, what: str = "an all-reduce") -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place (nothing on a plain process)."""
         if self.active:
-            import torch.distributed as dist
 
             with self._guard(what):
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -131,7 +131,6 @@ class Dist:
         """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
         if not self.active:
             return [obj]
-        import torch.distributed as dist
 
         out = [None] * self.size
         with self._guard(what):
@@ -142,7 +141,6 @@ class Dist:
         """Rank 0's ``obj`` on every rank."""
         if not self.active:
             return obj
-        import torch.distributed as dist
 
         box = [obj if self.main else None]
         with self._guard(what):
@@ -153,7 +151,6 @@ class Dist:
         """Overwrite ``tensors`` with rank 0's values, in place."""
         if not self.active:
             return
-        import torch.distributed as dist
 
         with self._guard(what), torch.no_grad():
             for t in tensors:
@@ -217,7 +214,6 @@ class Dist:
 
     def close(self) -> None:
         if self.active:
-            import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -248,7 +244,6 @@ def setup(device: str = "cpu", timeout: Optional[float] = None,
     timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
     if not timeout > 0:
         raise GenlabError(f"--dist-timeout must be a positive number of seconds, got {timeout}")
-    import torch.distributed as dist
 
     if _CURRENT is not None and dist.is_initialized():
         return _CURRENT

@@ -61,6 +61,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
@@ -542,7 +543,6 @@ def _data_size(args, kwargs) -> Optional[int]:
 
 def _setup_autoguide(guide, args, kwargs) -> None:
     """An autoguide learns its shapes from its first call: make that call the full data."""
-    from pyro.infer.autoguide import AutoGuide
 
     if isinstance(guide, AutoGuide) and getattr(guide, "prototype_trace", None) is None:
         setup = getattr(guide, "_setup_prototype", None)
