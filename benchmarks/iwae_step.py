@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import pyro  # noqa: E402
 import torch  # noqa: E402
+from runner_overhead import take_step  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from torch.nn import functional as F  # noqa: E402
 
 from inference.data import load_images  # noqa: E402
@@ -82,15 +83,8 @@ def runner_contender(system, loss, k, probe, n):
     opt = torch.optim.Adam(params, **ADAM)
 
     def step(args):
-        pyro.util.get_rng_state()
-        value_t = obj(system.model, system.guide, args, n)
-        value = value_t.item()
-        if not math.isfinite(value):
-            raise RuntimeError("non-finite loss")
-        opt.zero_grad(set_to_none=True)
-        value_t.backward()
-        opt.step()
-        return value
+        pyro.util.get_rng_state()  # as the runner does (it keeps the state for Diverged)
+        return take_step(obj(system.model, system.guide, args, n), opt)
 
     return step
 
@@ -99,14 +93,7 @@ def plain_contender(module, loss_fn, n):
     opt = torch.optim.Adam(module.parameters(), **ADAM)
 
     def step(args):
-        loss = loss_fn(module, args[0], n)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise RuntimeError("non-finite loss")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return value
+        return take_step(loss_fn(module, args[0], n), opt)
 
     return step
 

@@ -94,101 +94,81 @@ def make_plain(system: VAE):
     return plain, torch.optim.Adam(plain.parameters(), lr=LR)
 
 
+def take_step(loss: torch.Tensor, opt) -> float:
+    """The optimizer step every contender shares: the value, a finiteness check, backward,
+    step (also used by benchmarks/iwae_step.py)."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise RuntimeError("non-finite loss")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return value
+
+
 def runner_step(system, objective, opt, args, n):
     """The body of inference/runner.py's step loop (less tqdm and bookkeeping)."""
     rng_before = pyro.util.get_rng_state()  # noqa: F841  (the runner keeps it for Diverged)
-    loss = objective(system.model, system.guide, args, n)
-    value = loss.item()
-    if not math.isfinite(value):
-        raise RuntimeError("non-finite loss")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return value
+    return take_step(objective(system.model, system.guide, args, n), opt)
 
 
 def plain_step(plain, opt, args, n):
-    loss = plain.loss(args[0], n)
-    value = loss.item()
-    if not math.isfinite(value):
-        raise RuntimeError("non-finite loss")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return value
+    return take_step(plain.loss(args[0], n), opt)
 
 
 # ----------------------------------------------------------------------------- main
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a short run (under ~30 s)")
-    ap.add_argument("--profile", action="store_true", help="also print a cProfile of runner steps")
-    a = ap.parse_args()
-    # at most `blocks` rounds of `per_block` steps per contender, stopping early once `budget`
-    # seconds of timed rounds have passed (the machine is shared: rounds can be slow)
-    blocks, per_block, warm, budget = (40, 5, 10, 10.0) if a.quick else (200, 5, 40, 150.0)
-
-    t_start = time.perf_counter()
-    print(f"torch {torch.__version__}, pyro {pyro.__version__}; torch threads "
-          f"{torch.get_num_threads()} (default), machine cores {os.cpu_count()}")
-    data = load_images("mnist", "fixed", DATA, download=False)
-    train_set = data.train
+def fixed_batches(count: int):
+    """``count`` fixed-binarized MNIST batches of BATCH images (a seeded walk through the
+    training set), the probe batch, and N."""
+    train_set = load_images("mnist", "fixed", DATA, download=False).train
     n = len(train_set)
-    g = torch.Generator().manual_seed(1)
-    perm = torch.randperm(n, generator=g)
-    n_batches = warm + blocks * per_block
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
     batches = [train_set.batch(perm[(i * BATCH) % (n - BATCH):][:BATCH], None, ("x",))
-               for i in range(n_batches)]
-    probe_args = train_set.batch(torch.arange(2), None, ("x",))
+               for i in range(count)]
+    return batches, train_set.batch(torch.arange(2), None, ("x",)), n
 
-    system, objective, ropt = make_runner(0, n, probe_args)
-    plain, popt = make_plain(system)
-    # the variants get their own copies (same initial weights), so every contender trains alike
-    novalid_sys, novalid_obj, novalid_opt = make_runner(0, n, probe_args)
 
-    # ---- the two losses agree: same weights, same RNG seed -> same value
-    torch.manual_seed(123)
-    with torch.no_grad():
-        lr_ = objective(system.model, system.guide, batches[0], n).item()
-    torch.manual_seed(123)
-    with torch.no_grad():
-        lp_ = plain.loss(batches[0][0], n).item()
+def check_agreement(system, objective, plain, args, n) -> None:
+    """The runner's loss and the plain loss at equal weights and seed: the same number."""
+    values = []
+    for f in (lambda: objective(system.model, system.guide, args, n), lambda: plain.loss(args[0], n)):
+        torch.manual_seed(123)
+        with torch.no_grad():
+            values.append(f().item())
+    lr_, lp_ = values
     print(f"check: runner loss {lr_:.6g}, plain loss {lp_:.6g} at equal weights and seed "
           f"(relative difference {abs(lr_ - lp_) / abs(lp_):.1e})")
 
-    contenders = {
-        "runner (genlab path, validation on = default)":
-            lambda args: runner_step(system, objective, ropt, args, n),
-        "plain PyTorch":
-            lambda args: plain_step(plain, popt, args, n),
-        "[variant] runner, pyro.enable_validation(False)":
-            lambda args: _novalid(lambda: runner_step(novalid_sys, novalid_obj, novalid_opt, args, n)),
-    }
-    names = list(contenders)
 
-    for i in range(warm):  # warm-up, not counted
+def time_interleaved(contenders: dict, batches, warm: int, blocks: int, per_block: int,
+                     budget: float) -> dict:
+    """ms/step per block of ``per_block`` steps, contenders alternating (order flipped every
+    block) after ``warm`` uncounted steps; stops after ``budget`` seconds (at least 6 blocks)."""
+    names = list(contenders)
+    for i in range(warm):
         for name in names:
             contenders[name](batches[i])
-
     times = {name: [] for name in names}
     t_timed = time.perf_counter()
     for b in range(blocks):
         if b >= 6 and time.perf_counter() - t_timed > budget:
             break
-        order = names if b % 2 == 0 else names[::-1]
         chunk = batches[warm + b * per_block: warm + (b + 1) * per_block]
-        for name in order:
-            step = contenders[name]
+        for name in (names if b % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
             for args in chunk:
-                step(args)
+                contenders[name](args)
             times[name].append((time.perf_counter() - t0) / len(chunk) * 1e3)
+    return times
 
+
+def report(times: dict, warm: int, per_block: int) -> None:
+    names = list(times)
     base = statistics.median(times["plain PyTorch"])
     print()
-    done = len(times[names[0]])
     print(f"SVI step, 784-400-20 Bernoulli VAE, batch {BATCH}, Trace_ELBO 1 particle, Adam; "
-          f"{done} interleaved blocks x {per_block} steps per contender, {warm} warm-up steps")
+          f"{len(times[names[0]])} interleaved blocks x {per_block} steps per contender, {warm} "
+          "warm-up steps")
     print(f"{'contender':<50} {'median ms/step':>15} {'IQR ms':>15} {'vs plain':>9}")
     for name in names:
         t = sorted(times[name])
@@ -201,15 +181,48 @@ def main() -> None:
     print(f"runner/plain = {r:.3f} / {base:.3f} ms/step = {ratio:.2f}x; target <= {TARGET:.2f}x: "
           f"{'MET' if ratio <= TARGET else 'NOT MET'}")
 
+
+def profile_runner(step, batches) -> None:
+    prof = cProfile.Profile()
+    prof.enable()
+    for args in batches:
+        step(args)
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+    print(s.getvalue())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a short run (under ~30 s)")
+    ap.add_argument("--profile", action="store_true", help="also print a cProfile of runner steps")
+    a = ap.parse_args()
+    # at most `blocks` rounds of `per_block` steps per contender, stopping early once `budget`
+    # seconds of timed rounds have passed (the machine is shared: rounds can be slow)
+    blocks, per_block, warm, budget = (40, 5, 10, 10.0) if a.quick else (200, 5, 40, 150.0)
+    t_start = time.perf_counter()
+    print(f"torch {torch.__version__}, pyro {pyro.__version__}; torch threads "
+          f"{torch.get_num_threads()} (default), machine cores {os.cpu_count()}")
+    batches, probe_args, n = fixed_batches(warm + blocks * per_block)
+    system, objective, ropt = make_runner(0, n, probe_args)
+    plain, popt = make_plain(system)
+    # the variants get their own copies (same initial weights), so every contender trains alike
+    novalid_sys, novalid_obj, novalid_opt = make_runner(0, n, probe_args)
+    check_agreement(system, objective, plain, batches[0], n)
+
+    def runner(args):
+        return runner_step(system, objective, ropt, args, n)
+
+    contenders = {
+        "runner (genlab path, validation on = default)": runner,
+        "plain PyTorch": lambda args: plain_step(plain, popt, args, n),
+        "[variant] runner, pyro.enable_validation(False)":
+            lambda args: _novalid(lambda: runner_step(novalid_sys, novalid_obj, novalid_opt, args, n)),
+    }
+    report(time_interleaved(contenders, batches, warm, blocks, per_block, budget), warm, per_block)
     if a.profile:
-        prof = cProfile.Profile()
-        prof.enable()
-        for args in batches[:per_block * 2]:
-            runner_step(system, objective, ropt, args, n)
-        prof.disable()
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
-        print(s.getvalue())
+        profile_runner(runner, batches[:per_block * 2])
     print(f"(total wall time {time.perf_counter() - t_start:.1f} s)")
 
 

@@ -103,16 +103,9 @@ def expect_run(run_dir, system: str, flag: str) -> None:
 
 
 def read_config(run_dir) -> RunConfig:
-    """The run's ``config.json`` as a :class:`RunConfig`, or one clear sentence why not."""
-    run_dir = Path(run_dir)
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise GenlabError(f"{run_dir} is not a run directory (no config.json)")
-    try:
-        return RunConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
-        raise GenlabError(f"{path} is damaged and cannot be read ({type(e).__name__}); "
-                          "restore it from the checkpoint with the run's options") from None
+    """The run's ``config.json`` as a :class:`RunConfig` (:meth:`RunConfig.read`: one reader for
+    training and evaluation; a damaged file is restored from the checkpoint, with a note)."""
+    return RunConfig.read(run_dir)
 
 
 def checkpoint_path(run_dir, cfg: RunConfig, checkpoint: Optional[str] = None) -> Path:
