@@ -25,6 +25,7 @@ import torch
 
 from evaluation.ais import ais_log_marginal, bdmc
 from evaluation.api import load_run
+from evaluation.plotting import run_title
 from inference.importance import estimate_log_marginal
 from inference.systems import get_system
 
@@ -32,6 +33,68 @@ from inference.systems import get_system
 def ms(a) -> tuple:
     a = np.asarray(a, dtype=float)
     return float(a.mean()), float(a.std(ddof=1) / np.sqrt(a.size))
+
+
+def bdmc_by_steps(system, shape_args, steps, ns, out) -> dict:
+    """BDMC on ``ns.n`` images simulated from the model, the same ones for every T: the
+    (lower, upper) mean per T, printed and recorded in ``out["bdmc"]``."""
+    print(f"BDMC on n = {ns.n} simulated images: T, gap mean ± se, lower, upper, "
+          "acceptance fwd/rev, seconds", flush=True)
+    band = {}
+    for T in steps:
+        pyro.set_rng_seed(ns.seed)
+        t0 = time.perf_counter()
+        r = bdmc(system.model, system.guide, shape_args, n=ns.n, num_chains=ns.chains,
+                 num_steps=T, leapfrog_steps=ns.leapfrog)
+        sec = time.perf_counter() - t0
+        g, gse = ms(r.gap)
+        s = r.summary()
+        band[T] = (s["lower"]["mean"], s["upper"]["mean"])
+        out["bdmc"][T] = s | {"wall_s": sec}
+        print(f"  T={T:>6}  gap {g:7.3f} ± {gse:.3f}  lower {s['lower']['mean']:9.3f}  "
+              f"upper {s['upper']['mean']:9.3f}  acc {s['accept_rate']['forward']:.2f}/"
+              f"{s['accept_rate']['reverse']:.2f}  {sec:7.1f} s", flush=True)
+    return band
+
+
+def ais_on_real(system, x, steps, ns, out):
+    """IWAE at k up to ``ns.k`` and AIS at every T on the real images ``x``: recorded in
+    ``out``; returns (the IWAE estimate, {T: (evaluations, mean AIS)}, the last AIS estimate)."""
+    fig_data = {}
+    pyro.set_rng_seed(ns.seed)
+    ks = sorted({1, 10, 100, 1000, ns.k} & set(range(1, ns.k + 1)))
+    t0 = time.perf_counter()
+    iw = estimate_log_marginal(system.model, system.guide, x, num_samples=ns.k, ks=ks)
+    out["iwae_seconds"] = time.perf_counter() - t0
+    out["elbo"] = ms(iw.elbo)
+    out["iwae"] = {k: ms(v) for k, v in iw.iwae.items()}
+    print(f"real test images n = {x.shape[0]}: ELBO {ms(iw.elbo)[0]:.3f}, "
+          + ", ".join(f"IWAE-{k} {ms(v)[0]:.3f}" for k, v in iw.iwae.items())
+          + f" ({out['iwae_seconds']:.1f} s)", flush=True)
+    last = None
+    for T in steps:
+        pyro.set_rng_seed(ns.seed)
+        est = ais_log_marginal(system.model, system.guide, x, num_chains=ns.chains,
+                               num_steps=T, leapfrog_steps=ns.leapfrog)
+        d = est.log_marginal - iw.log_marginal
+        worst = np.argsort(-d)[:5]
+        out["ais"][T] = {"mean": ms(est.log_marginal), "mc_se_mean":
+                         float(np.sqrt((est.se ** 2).sum()) / est.n),
+                         "minus_iwae": {"mean": ms(d)[0], "se": ms(d)[1],
+                                        "sd": float(d.std(ddof=1)),
+                                        "min": float(d.min()), "median": float(np.median(d)),
+                                        "max": float(d.max())},
+                         "worst": {int(i): float(d[i]) for i in worst},
+                         "accept": float(est.accept_rate.mean()),
+                         "evaluations": est.evaluations, "wall_s": est.seconds}
+        print(f"  AIS T={T:>6}: {ms(est.log_marginal)[0]:9.3f} (MC se of mean "
+              f"{out['ais'][T]['mc_se_mean']:.3f}); AIS - IWAE-{ns.k}: mean {ms(d)[0]:.3f} "
+              f"± {ms(d)[1]:.3f}, sd {d.std(ddof=1):.3f}, range [{d.min():.3f}, "
+              f"{d.max():.3f}]; furthest images {list(map(int, worst))} "
+              f"({', '.join(f'{d[i]:.2f}' for i in worst)}); {est.seconds:.1f} s", flush=True)
+        fig_data[T] = (est.evaluations, ms(est.log_marginal)[0])
+        last = est
+    return iw, fig_data, last
 
 
 def main(argv=None) -> int:
@@ -57,70 +120,18 @@ def main(argv=None) -> int:
     out = {"run": str(run_dir), "chains": ns.chains, "leapfrog": ns.leapfrog, "bdmc": {},
            "ais": {}}
 
-    # 1. BDMC on simulated images, the same ones for every T
-    print(f"BDMC on n = {ns.n} simulated images: T, gap mean ± se, lower, upper, "
-          "acceptance fwd/rev, seconds", flush=True)
-    band = {}
-    for T in steps:
-        pyro.set_rng_seed(ns.seed)
-        t0 = time.perf_counter()
-        r = bdmc(system.model, system.guide, x_all[:1], n=ns.n, num_chains=ns.chains,
-                 num_steps=T, leapfrog_steps=ns.leapfrog)
-        sec = time.perf_counter() - t0
-        g, gse = ms(r.gap)
-        s = r.summary()
-        band[T] = (s["lower"]["mean"], s["upper"]["mean"])
-        out["bdmc"][T] = s | {"wall_s": sec}
-        print(f"  T={T:>6}  gap {g:7.3f} ± {gse:.3f}  lower {s['lower']['mean']:9.3f}  "
-              f"upper {s['upper']['mean']:9.3f}  acc {s['accept_rate']['forward']:.2f}/"
-              f"{s['accept_rate']['reverse']:.2f}  {sec:7.1f} s", flush=True)
-
-    # 2. AIS and IWAE on real test images
-    fig_data = {}
+    band = bdmc_by_steps(system, x_all[:1], steps, ns, out)
     if ns.real:
-        x = x_all[: ns.real]
-        pyro.set_rng_seed(ns.seed)
-        ks = sorted({1, 10, 100, 1000, ns.k} & set(range(1, ns.k + 1)))
-        t0 = time.perf_counter()
-        iw = estimate_log_marginal(system.model, system.guide, x, num_samples=ns.k, ks=ks)
-        out["iwae_seconds"] = time.perf_counter() - t0
-        out["elbo"] = ms(iw.elbo)
-        out["iwae"] = {k: ms(v) for k, v in iw.iwae.items()}
-        print(f"real test images n = {x.shape[0]}: ELBO {ms(iw.elbo)[0]:.3f}, "
-              + ", ".join(f"IWAE-{k} {ms(v)[0]:.3f}" for k, v in iw.iwae.items())
-              + f" ({out['iwae_seconds']:.1f} s)", flush=True)
-        last = None
-        for T in steps:
-            pyro.set_rng_seed(ns.seed)
-            est = ais_log_marginal(system.model, system.guide, x, num_chains=ns.chains,
-                                   num_steps=T, leapfrog_steps=ns.leapfrog)
-            d = est.log_marginal - iw.log_marginal
-            worst = np.argsort(-d)[:5]
-            out["ais"][T] = {"mean": ms(est.log_marginal), "mc_se_mean":
-                             float(np.sqrt((est.se ** 2).sum()) / est.n),
-                             "minus_iwae": {"mean": ms(d)[0], "se": ms(d)[1],
-                                            "sd": float(d.std(ddof=1)),
-                                            "min": float(d.min()), "median": float(np.median(d)),
-                                            "max": float(d.max())},
-                             "worst": {int(i): float(d[i]) for i in worst},
-                             "accept": float(est.accept_rate.mean()),
-                             "evaluations": est.evaluations, "wall_s": est.seconds}
-            print(f"  AIS T={T:>6}: {ms(est.log_marginal)[0]:9.3f} (MC se of mean "
-                  f"{out['ais'][T]['mc_se_mean']:.3f}); AIS - IWAE-{ns.k}: mean {ms(d)[0]:.3f} "
-                  f"± {ms(d)[1]:.3f}, sd {d.std(ddof=1):.3f}, range [{d.min():.3f}, "
-                  f"{d.max():.3f}]; furthest images {list(map(int, worst))} "
-                  f"({', '.join(f'{d[i]:.2f}' for i in worst)}); {est.seconds:.1f} s", flush=True)
-            fig_data[T] = (est.evaluations, ms(est.log_marginal)[0])
-            last = est
+        iw, fig_data, last = ais_on_real(system, x_all[: ns.real], steps, ns, out)
         (run_dir / "figures").mkdir(exist_ok=True)
-        _figure(run_dir / "figures" / "ais_sandwich.png", iw, fig_data, band, last, ns)
+        _figure(run_dir / "figures" / "ais_sandwich.png", iw, fig_data, band, last, ns, cfg)
         out["figure"] = str(run_dir / "figures" / "ais_sandwich.png")
     (run_dir / "ais_accuracy.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"saved {run_dir / 'ais_accuracy.json'}", flush=True)
     return 0
 
 
-def _figure(path, iw, fig_data, band, est, ns):
+def _figure(path, iw, fig_data, band, est, ns, cfg):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,6 +170,9 @@ def _figure(path, iw, fig_data, band, est, ns):
     inset.axhline(est.target_accept, color="k", lw=0.5)
     inset.set_title("acceptance along schedule", fontsize=7)
     inset.tick_params(labelsize=6)
+    fig.suptitle(run_title(cfg, f"IWAE-k and AIS on {iw.n} test images; BDMC on {ns.n} "
+                                f"simulated; {ns.chains} chains (benchmarks/ais_accuracy.py)"),
+                 fontsize=9)
     fig.tight_layout()
     tmp = f"{path}.tmp.png"
     fig.savefig(tmp, dpi=110)
