@@ -94,7 +94,6 @@ def worker(role: str, xpath: str, K: int, cap: float) -> None:
     import torch
 
     from inference import importance as est
-    from inference.importance import estimate_log_marginal
     from models.vae import VAE
 
     pyro.set_rng_seed(0)
@@ -103,23 +102,46 @@ def worker(role: str, xpath: str, K: int, cap: float) -> None:
     vae.eval()
     x = torch.load(xpath)
 
-    # the chunk estimate_log_marginal will use (its own rule, read from its module)
-    st = est.probe(vae.model, vae.guide, (x[:2],), {}, "data", 2)
-    unit = max(st.bytes_per_unit * est._OVERHEAD, 1.0)
-    memory = BUDGET if role != "genlab-1img" else int(unit * K * 1.5)  # -> 1 image x K per chunk
-    cells = max(1, int(memory // unit))
-    kb = min(K, cells)
-    nb = min(x.shape[0], max(1, cells // kb), max(1, int(memory // (8 * 4 * K))))
+    # the blocks and cells estimate_log_marginal will use (its own plan, read from its module)
+    st = est._structure(vae.model, vae.guide, (x,), {}, "data", x.shape[0])
+    plan = est._Plan.make(st, x.shape[0], K, (0, 1))
+    nb, kb, memory = plan.nb, plan.kb, BUDGET
+    genlab, plain, renyi, importance_one, renyi_elbo = _contenders(vae, K, memory, plan)
+
+    # warm-up (not counted): imports (arviz), allocator, thread pool
+    with torch.no_grad():
+        if role.startswith("genlab"):
+            genlab(x[:2])
+        elif role == "plain":
+            plain(x[:2])
+        elif role == "renyi":
+            pyro.infer.RenyiELBO(alpha=0, num_particles=min(K, 200), vectorize_particles=True,
+                                 max_plate_nesting=1).loss(vae.model, vae.guide, x[:1])
+        else:
+            importance_one(x[:1], 20)
+    base_rss = _maxrss()
+    limit = _vmsize() + BUDGET
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+    _say({"ready": True, "base_rss": base_rss, "threads": torch.get_num_threads(),
+          "chunk": [nb, kb], "memory": memory})
+    _serve(role, x, K, cap, vae, genlab, plain, renyi, importance_one, renyi_elbo)
+
+
+def _contenders(vae, K: int, memory: int, plan):
+    """The timed functions of a worker: genlab, the plain-PyTorch ceiling, RenyiELBO per image,
+    Pyro Importance for one image, and the RenyiELBO object (for the memory check)."""
+    import pyro
+    import torch
+    from torch.nn import functional as F
+
+    from inference.importance import estimate_log_marginal
 
     def genlab(xs):
         return estimate_log_marginal(vae.model, vae.guide, xs, num_samples=K, memory=memory).log_marginal.tolist()
 
-    pb = est.BLOCK  # the ceiling works in the estimator's own blocks and cells
-    pk = max(1, min(K, int(est.CELL_BYTES // max(unit, 1.0)) // pb))
+    pb, pk = plan.nb, plan.kb  # the ceiling works in the estimator's own blocks and cells
 
     def plain(xs):
-        from torch.nn import functional as F
-
         out = []
         for s in range(0, xs.shape[0], pb):
             xb = xs[s: s + pb]
@@ -149,22 +171,33 @@ def worker(role: str, xpath: str, K: int, cap: float) -> None:
             imp = pyro.infer.Importance(vae.model, vae.guide, num_samples=k).run(xi)
             return float(imp.get_log_normalizer())
 
-    # warm-up (not counted): imports (arviz), allocator, thread pool
-    with torch.no_grad():
-        if role.startswith("genlab"):
-            genlab(x[:2])
-        elif role == "plain":
-            plain(x[:2])
-        elif role == "renyi":
-            pyro.infer.RenyiELBO(alpha=0, num_particles=min(K, 200), vectorize_particles=True,
-                                 max_plate_nesting=1).loss(vae.model, vae.guide, x[:1])
-        else:
-            importance_one(x[:1], 20)
-    base_rss = _maxrss()
-    limit = _vmsize() + BUDGET
-    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
-    _say({"ready": True, "base_rss": base_rss, "threads": torch.get_num_threads(),
-          "chunk": [nb, kb], "memory": memory})
+    return genlab, plain, renyi, importance_one, renyi_elbo
+
+
+def _importance_run(importance_one, xs, K: int, cap: float, res: dict) -> None:
+    """Pyro Importance: whole images until the time cap, or one image with fewer samples
+    (time scaled up to K: the loop is linear in the number of samples)."""
+    t0 = time.perf_counter()
+    importance_one(xs[:1], 100)
+    per_sample = (time.perf_counter() - t0) / 100
+    if per_sample * K > cap:  # not even one image at full K fits: fewer samples
+        k_run = max(100, int(cap / per_sample) // 100 * 100)
+        t0 = time.perf_counter()
+        importance_one(xs[:1], k_run)
+        res.update(seconds=(time.perf_counter() - t0) * K / k_run, n=1, k_run=k_run)
+        return
+    t0 = time.perf_counter()
+    for i in range(xs.shape[0]):
+        res["values"].append(importance_one(xs[i: i + 1], K))
+        res["n"] += 1
+        if time.perf_counter() - t0 > cap:
+            break
+    res["seconds"] = time.perf_counter() - t0
+
+
+def _serve(role, x, K, cap, vae, genlab, plain, renyi, importance_one, renyi_elbo) -> None:
+    """Answer the parent's commands (``run A B``, ``joint A B``, ``quit``) one JSON line each."""
+    import torch
 
     for line in sys.stdin:
         cmd = line.split()
@@ -181,24 +214,8 @@ def worker(role: str, xpath: str, K: int, cap: float) -> None:
                     vals = (renyi(xs) if role == "renyi" else plain(xs) if role == "plain"
                             else genlab(xs))
                 res.update(seconds=time.perf_counter() - t0, n=len(vals), values=vals)
-            elif cmd[0] == "run":  # importance: whole images until the time cap
-                t0 = time.perf_counter()
-                importance_one(xs[:1], 100)
-                per_sample = (time.perf_counter() - t0) / 100
-                if per_sample * K > cap:  # not even one image at full K fits: fewer samples
-                    k_run = max(100, int(cap / per_sample) // 100 * 100)
-                    t0 = time.perf_counter()
-                    importance_one(xs[:1], k_run)
-                    # the loop is linear in the number of samples: scale the time up to K
-                    res.update(seconds=(time.perf_counter() - t0) * K / k_run, n=1, k_run=k_run)
-                else:
-                    t0 = time.perf_counter()
-                    for i in range(xs.shape[0]):
-                        res["values"].append(importance_one(xs[i: i + 1], K))
-                        res["n"] += 1
-                        if time.perf_counter() - t0 > cap:
-                            break
-                    res["seconds"] = time.perf_counter() - t0
+            elif cmd[0] == "run":
+                _importance_run(importance_one, xs, K, cap, res)
             elif cmd[0] == "joint":  # RenyiELBO on all of xs at once (memory check)
                 t0 = time.perf_counter()
                 renyi_elbo.loss(vae.model, vae.guide, xs)
@@ -267,7 +284,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="number of test images (default 1000, quick 50)")
     ap.add_argument("--k", type=int, default=5000, help="importance samples per image")
     ap.add_argument("--variants", action="store_true",
-                    help="add two diagnostic genlab rows (1-image chunks; glibc malloc thresholds)")
+                    help="add a diagnostic genlab row with glibc malloc thresholds set by environment")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--xpath", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cap", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -298,7 +315,7 @@ def main() -> None:
     xpath = os.path.join(tmp, "x.pt")
     torch.save(x, xpath)
 
-    variants = ["genlab-1img", "genlab-malloc"] if a.variants else []
+    variants = ["genlab-malloc"] if a.variants else []
     roles = ["genlab", "plain", "renyi", *variants]
     workers = {r: Worker(r, xpath, K, imp_cap) for r in [*roles, "importance"]}
     for w in workers.values():
@@ -374,7 +391,6 @@ def main() -> None:
         "genlab": "genlab estimate_log_marginal",
         "renyi": "Pyro RenyiELBO(alpha=0), 1 image/call",
         "plain": "plain PyTorch IWAE (the ceiling)",
-        "genlab-1img": "[variant] genlab, chunk = 1 image x K",
         "genlab-malloc": "[variant] genlab, glibc mmap/trim thresh. 1 TiB",
     }
     print(f"{'contender':<48} {'images':>6} {'seconds':>8} {'img/s':>7} {'page faults/img':>15} "
@@ -382,11 +398,9 @@ def main() -> None:
     for role in roles:
         n, sec, ok, flt = tot[role]
         note = "" if ok else "SOME ROUNDS FAILED: " + next(q["error"] for q in res[role] if not q["ok"])
-        if role == "genlab-1img":
-            note = f"memory={fmt_mib(workers[role].ready['memory'])}: {workers[role].ready['chunk'][0]} x " \
-                   f"{workers[role].ready['chunk'][1]} per call " + note
         if role == "genlab-malloc":
-            note = "env MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ " + note
+            note = ("env MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ (genlab already keeps "
+                    "freed memory: expect genlab's figure) " + note)
         ips = n / sec if sec else float("nan")
         print(f"{label[role]:<48} {n:>6} {sec:>8.1f} {ips:>7.2f} {flt:>15.0f} {mem(role):>25}  {note}")
     if imp["ok"] and imp["k_run"] < K:
