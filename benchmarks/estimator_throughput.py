@@ -339,7 +339,13 @@ def main() -> None:
     os.remove(xpath)
     os.rmdir(tmp)
 
-    # ---- figures
+    report(res, roles, variants, workers, imp, joint, joint_n, ends, mm, skipped, rounds, done_n,
+           N, K, imp_cap, t_start)
+
+
+def report(res, roles, variants, workers, imp, joint, joint_n, ends, mm, skipped, rounds, done_n,
+           N, K, imp_cap, t_start) -> None:
+    """The figures of one run: rates, page faults, memory, agreement, FLOP shares, ratios."""
     def total(role):
         ok = [q for q in res[role] if q["ok"]]
         n, sec = sum(q["n"] for q in ok), sum(q["seconds"] for q in ok)
