@@ -5,8 +5,7 @@ AIS's path is exactly what the integrator calls (``pyro.ops.integrator.potential
 ``evaluation.ais._Annealer.potential``): the Pyro model run under a light handler that
 substitutes z and sums unscaled log-probabilities, plus the guide's log-density from its
 distribution traced once per chunk.  The plain version computes
-``-((1-b) log q(z|x) + b (log p(z) + log p(x|z)))`` with the decoder, ``F.binary_cross_entropy
-_with_logits`` and ``Normal.log_prob`` directly, and ``torch.autograd.grad``.
+``-((1-b) log q(z|x) + b (log p(z) + log p(x|z)))`` with the decoder, ``models.common.bernoulli_log_prob`` (the models' own) and ``Normal.log_prob`` directly, and ``torch.autograd.grad``.
 
     GENLAB_DATA=/work/shared/data nice python benchmarks/ais_speed.py [--run runs/vae-d20]
 """
@@ -20,17 +19,16 @@ import time
 import pyro
 import torch
 from pyro.ops.integrator import potential_grad
-from torch.nn import functional as F
 
 from evaluation.ais import _Annealer
 from inference.importance import probe
+from models.common import bernoulli_log_prob
 
 
 def plain_energy(system, x, loc, scale, beta):
     def f(z):
         logits = system.decode(z)
-        lik = -F.binary_cross_entropy_with_logits(logits, x.expand(logits.shape),
-                                                  reduction="none").sum(-1)
+        lik = bernoulli_log_prob(logits, x).sum(-1)
         prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
         q = torch.distributions.Normal(loc, scale).log_prob(z).sum(-1)
         e = -((1.0 - beta) * q + beta * (prior + lik))

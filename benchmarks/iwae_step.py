@@ -13,7 +13,7 @@ blocks of steps; the figure is the median over blocks of block time / steps):
   ``loss.item()``, ``zero_grad``, ``backward``, ``step``) on ``vae --preset iwae-1layer`` or
   ``models.iwae.TwoLayerVAE``;
 * ``plain ELBO``: the same networks, weights, draws and single-sample loss written in plain
-  PyTorch (manual reparameterization, BCE-with-logits, Gaussian log densities, N/B scale);
+  PyTorch (manual reparameterization, the models' Bernoulli log density, Gaussian log densities, N/B scale);
 * ``runner IWAE k`` and ``runner DReG k``: the runner's step with those losses (no plain twin;
   their ratio is DReG's cost).
 
@@ -42,6 +42,7 @@ from torch.nn import functional as F  # noqa: E402
 from inference.data import load_images  # noqa: E402
 from inference.runner import Objective  # noqa: E402
 from inference.schedules import get_schedule  # noqa: E402
+from models.common import bernoulli_log_prob  # noqa: E402
 from models.iwae import TwoLayerVAE  # noqa: E402
 from models.vae import build_vae  # noqa: E402
 
@@ -59,7 +60,7 @@ def plain_loss_1l(m, x, n):
     d = m.latent_dim
     loc, scale = h[:, :d], F.softplus(h[:, d:]) + 1e-4
     z = loc + torch.empty_like(loc).normal_() * scale
-    log_px = -F.binary_cross_entropy_with_logits(m.decoder(z), x, reduction="sum")
+    log_px = bernoulli_log_prob(m.decoder(z), x).sum()
     log_pz = (-0.5 * z.pow(2) - HALF_LOG_2PI).sum()
     return -(log_px + log_pz - normal_lp(z, loc, scale)) * (n / x.shape[0])
 
@@ -70,7 +71,7 @@ def plain_loss_2l(m, x, n):
     loc2, sc2 = m.q_z2(z1)
     z2 = loc2 + torch.empty_like(loc2).normal_() * sc2
     ploc, psc = m.p_z1(z2)
-    log_px = -F.binary_cross_entropy_with_logits(m.p_x(z1), x, reduction="sum")
+    log_px = bernoulli_log_prob(m.p_x(z1), x).sum()
     log_p = log_px + normal_lp(z1, ploc, psc) + (-0.5 * z2.pow(2) - HALF_LOG_2PI).sum()
     return -(log_p - normal_lp(z1, loc1, sc1) - normal_lp(z2, loc2, sc2)) * (n / x.shape[0])
 

@@ -11,7 +11,7 @@ training images, Adam(lr=1e-3).
   ``loss.item()``, ``opt.zero_grad(set_to_none=True)``, ``loss.backward()``, ``opt.step()`` with
   ``torch.optim.Adam`` over the param store's parameters (collected as ``train`` does).
 * "plain" row: an nn.Module with the same layers and initial weights, manual reparameterization,
-  BCE-with-logits and Gaussian log densities, the same N/B scaling, ``loss.item()``, Adam.
+  the models' Bernoulli log density (models.common.bernoulli_log_prob) and Gaussian log densities, the same N/B scaling, ``loss.item()``, Adam.
 
 Both see the same batches in the same order.  Timing: warm-up steps first (not counted), then
 blocks of steps alternating between the contenders (A B A B ...; extra variants take their
@@ -43,6 +43,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from inference.data import load_images  # noqa: E402
 from inference.runner import Objective  # noqa: E402
+from models.common import bernoulli_log_prob  # noqa: E402
 from models.vae import VAE  # noqa: E402
 
 DATA = "/work/shared/data"
@@ -69,7 +70,7 @@ class PlainVAE(nn.Module):
         eps = torch.empty_like(loc).normal_()  # the same draw torch's Normal.rsample makes
         z = loc + eps * scale
         logits = self.decoder(z)
-        log_px = -F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        log_px = bernoulli_log_prob(logits, x).sum()
         log_pz = (-0.5 * z.pow(2) - HALF_LOG_2PI).sum()
         log_qz = (-0.5 * ((z - loc) / scale).pow(2) - scale.log() - HALF_LOG_2PI).sum()
         return -(log_px + log_pz - log_qz) * (data_size / x.shape[0])

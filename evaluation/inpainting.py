@@ -58,10 +58,9 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from torch.nn import functional as F
 
 from inference.importance import KHAT_PSIS, KHAT_RAW, log_weights, probe, weight_stats
-from models.common import GenlabError, check_binary, data_plate
+from models.common import Bernoulli, GenlabError, bernoulli_log_prob, check_binary, data_plate
 
 #: Enumeration limit: 2^16 completions per image.
 MAX_EXACT = 16
@@ -229,8 +228,7 @@ def exact_inpaint(gru, x: torch.Tensor, missing, num_samples: int = 8,
     f = int(pos.min())
     # the shared prefix: pixels 0..f-1, read once per image
     logits_pre, h = gru.read(x[:, :f])
-    lp_pre = -F.binary_cross_entropy_with_logits(
-        logits_pre[:, :f], x[:, :f].to(logits_pre.dtype), reduction="none").sum(-1)  # (N,)
+    lp_pre = _bern_lp(logits_pre[:, :f], x[:, :f]).sum(-1)  # (N,)
     # every completion of every image, rows image-major: (N*V, T)
     cand = x.unsqueeze(1).repeat(1, V, 1)
     cand.scatter_(2, pos.unsqueeze(1).expand(n, V, m), bits.unsqueeze(0).expand(n, V, m))
@@ -245,7 +243,7 @@ def exact_inpaint(gru, x: torch.Tensor, missing, num_samples: int = 8,
         c = cand[s : s + rows]
         lg = _run(gru, c[:, f : T - 1], h[:, s : s + rows].contiguous())
         lg = torch.cat([first[s : s + rows].unsqueeze(-1), lg], 1)
-        lp = -F.binary_cross_entropy_with_logits(lg, c[:, f:].to(lg.dtype), reduction="none").sum(-1)
+        lp = _bern_lp(lg, c[:, f:]).sum(-1)
         log_joint[s : s + rows] = lp.double()
     log_joint = log_joint.reshape(n, V) + lp_pre.double().unsqueeze(-1)
     log_obs = torch.logsumexp(log_joint, -1)
@@ -272,7 +270,7 @@ def _run(gru, inputs: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- IS / SMC
 def _bern_lp(logit: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return -F.binary_cross_entropy_with_logits(logit, v.to(logit.dtype), reduction="none")
+    return bernoulli_log_prob(logit, v.to(logit.dtype))
 
 
 def _resample_rows(w: torch.Tensor, ess_threshold: float, generator) -> tuple:
@@ -403,7 +401,7 @@ class MaskedVAE:
         with data_plate(n, data_size):
             z = pyro.sample("z", dist.Normal(x.new_zeros(n, d), x.new_ones(n, d)).to_event(1))
             logits = self.vae.decode(z)
-            pyro.sample("x", dist.Bernoulli(logits=logits, validate_args=False)
+            pyro.sample("x", Bernoulli(logits=logits, validate_args=False)
                         .mask(observed).to_event(1), obs=x)
 
     def guide(self, x, observed, data_size=None):

@@ -6,8 +6,10 @@ from dataclasses import MISSING, field, fields
 from typing import Optional, Sequence
 
 import pyro
+import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 def option(default=None, help: str = "", choices: Optional[Sequence] = None, parse=None):
@@ -79,6 +81,31 @@ def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
         if i < len(sizes) - 2:
             layers.append(_ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
+
+
+def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    r"""log Bernoulli(x | sigmoid(l)) elementwise, broadcast: the one Bernoulli log density.
+
+    .. math:: \log p(x \mid l) = x\,l - \log(1 + e^{l}) = x\,l - \mathrm{softplus}(l),
+
+    the same function as torch's ``-binary_cross_entropy_with_logits(l, x)`` (also for x in
+    [0, 1]) and the same gradient, x - sigmoid(l).  Why not torch's: on CPU that kernel (its
+    ``log1p``) costs about as much as the decoder's last matmul at K = 5000 draws; this form is
+    faster and no less accurate in float32 (``python benchmarks/bernoulli_logprob.py --runs
+    RUN...`` measures both: 1.28x faster, per-image errors against float64 of 2.2-4.1e-5 nats
+    against torch's 3.9-5.1e-5 on three trained VAEs; README).  ``softplus`` returns l itself
+    above l = 20 (error < 2.1e-9 per pixel)."""
+    return x * logits - F.softplus(logits)
+
+
+class Bernoulli(dist.Bernoulli):
+    """Pyro's ``Bernoulli`` whose ``log_prob`` is :func:`bernoulli_log_prob` (used by every
+    genlab model with Bernoulli pixels; give it ``logits``)."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return bernoulli_log_prob(self.logits, value)
 
 
 def check_binary(x: torch.Tensor, what: str = "images") -> None:

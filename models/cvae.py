@@ -34,7 +34,7 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 from torch.nn import functional as F
 
-from models.common import GenlabError, check_binary, data_plate, mlp
+from models.common import Bernoulli, GenlabError, check_binary, data_plate, mlp
 from models.vae import vae_args
 
 NUM_CLASSES = 10
@@ -103,7 +103,7 @@ class CVAE(nn.Module):
         with data_plate(n, data_size):
             z = pyro.sample("z", dist.Normal(x.new_zeros(n, self.latent_dim),
                                              x.new_ones(n, self.latent_dim)).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=self.decode(z, y), validate_args=False)
+            pyro.sample("x", Bernoulli(logits=self.decode(z, y), validate_args=False)
                         .to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor = None, data_size=None):

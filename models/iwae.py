@@ -36,7 +36,7 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 from torch.nn import functional as F
 
-from models.common import _ACTIVATIONS, GenlabError, check_binary, data_plate, mlp
+from models.common import _ACTIVATIONS, Bernoulli, GenlabError, check_binary, data_plate, mlp
 
 #: Named architectures (only the paper's, for now).
 PRESETS = {
@@ -166,7 +166,7 @@ class TwoLayerVAE(nn.Module):
             z2 = pyro.sample("z2", dist.Normal(x.new_zeros(n, d2), x.new_ones(n, d2)).to_event(1))
             loc, scale = self.p_z1(z2)
             z1 = pyro.sample("z1", dist.Normal(loc, scale).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=self.decode(z1), validate_args=False)
+            pyro.sample("x", Bernoulli(logits=self.decode(z1), validate_args=False)
                         .to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor, data_size=None):

@@ -37,12 +37,20 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import pyro
-import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.common import GenlabError, check_binary, config_defaults, data_plate, mlp, option
+from models.common import (
+    Bernoulli,
+    GenlabError,
+    bernoulli_log_prob,
+    check_binary,
+    config_defaults,
+    data_plate,
+    mlp,
+    option,
+)
 
 
 @dataclass
@@ -103,7 +111,7 @@ class PixelGRU(nn.Module):
         """Exact log p(x), ``(N,)``, nats per image."""
         x = self.check_images(x)
         logits = self.forward(x)
-        return -F.binary_cross_entropy_with_logits(logits, x.to(logits.dtype), reduction="none").sum(-1)
+        return bernoulli_log_prob(logits, x.to(logits.dtype)).sum(-1)
 
     def read(self, prefix: torch.Tensor):
         """State after reading pixels ``x_1..x_s`` (``prefix`` ``(N, s)``, s >= 0).
@@ -128,7 +136,7 @@ class PixelGRU(nn.Module):
         logits = self.forward(x)
         self._last = (x, logits.detach())  # step_metrics reads this pass instead of a second one
         with data_plate(x.shape[0], data_size):
-            pyro.sample("x", dist.Bernoulli(logits=logits, validate_args=False).to_event(1),
+            pyro.sample("x", Bernoulli(logits=logits, validate_args=False).to_event(1),
                         obs=x.to(logits.dtype))
 
     def guide(self, x: torch.Tensor, data_size: Optional[int] = None):

@@ -26,7 +26,15 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 from torch.nn import functional as F
 
-from models.common import GenlabError, check_binary, data_plate, fill_defaults, mlp, option
+from models.common import (
+    Bernoulli,
+    GenlabError,
+    check_binary,
+    data_plate,
+    fill_defaults,
+    mlp,
+    option,
+)
 
 #: Named architectures: latent size, hidden sizes, nonlinearity.
 PRESETS = {
@@ -98,7 +106,7 @@ class VAE(nn.Module):
                 .to_event(1),
             )
             logits = self.decode(z)
-            pyro.sample("x", dist.Bernoulli(logits=logits, validate_args=False).to_event(1), obs=x)
+            pyro.sample("x", Bernoulli(logits=logits, validate_args=False).to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor, data_size=None):
         """q(z | x), amortized by the encoder."""

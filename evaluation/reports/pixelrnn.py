@@ -40,7 +40,7 @@ from evaluation.plotting import image_rows, run_title, save
 from inference.data import spread_indices
 from inference.importance import KHAT_PSIS, KHAT_RAW, estimate_log_marginal
 from inference.runner import load_checkpoint, restore_params
-from models.common import GenlabError, option
+from models.common import GenlabError, bernoulli_log_prob, option
 from models.pixelrnn import completion_scores
 
 #: Quoted, not measured: test NLL (nats/image) on binarized MNIST.
@@ -123,8 +123,7 @@ def pixel_metrics(system, x: torch.Tensor, batch: int = 2000) -> dict:
     for s in range(0, x.shape[0], batch):
         xb = x[s : s + batch]
         logits = system(xb)
-        lps.append(-torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, xb, reduction="none").sum(-1).double())
+        lps.append(bernoulli_log_prob(logits, xb).sum(-1).double())
         hits.append(((logits > 0).to(xb.dtype) == xb).double().mean(-1))
     lp, hit = torch.cat(lps).numpy(), torch.cat(hits).numpy()
     n = lp.size
