@@ -1,0 +1,98 @@
+"""How long the IWAE paper's full Table 1 takes on this machine: every cell's training step,
+timed, times the paper's 3,280 passes.
+
+    python benchmarks/table1_wallclock.py [--seconds 60] [--threads 1]
+
+For each distinct run of ``make reproduce`` (10: the k = 1 VAE and IWAE cells are one run per
+architecture), the runner's step (``inference.runner.Objective`` with the cell's loss and k,
+``loss.item()``, backward, the burda schedule's Adam step; the body of the runner's training
+loop, as in ``benchmarks/iwae_step.py``) on batches of 20 fixed-binarized training images is
+timed in interleaved blocks (A B C ... then reversed; the figure is the median block time per
+step).  The estimate per cell is ms/step x 2,500 steps per pass x 3,280 passes; it leaves out
+the per-epoch validation, checkpoints and the dynamic binarization draw (each well under 1 % of
+an epoch in ``runs/reproduce``'s logs), and the final IWAE K = 5000 evaluation.  Two cores run
+two one-thread cells at once, so the table's wall-clock on this machine is about half the sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pyro  # noqa: E402
+import torch  # noqa: E402
+from iwae_step import DATA, runner_contender  # noqa: E402  (benchmarks/ is the script's folder)
+
+from evaluation.reproduce import ALL_CELLS, ARCH, PAPER_PASSES, run_key  # noqa: E402
+from inference.data import load_images  # noqa: E402
+from models.iwae import TwoLayerVAE  # noqa: E402
+from models.vae import build_vae  # noqa: E402
+
+BATCH = 20
+BUILD = {"iwae-1layer": lambda: build_vae(preset="iwae-1layer"), "iwae-2layer": TwoLayerVAE}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=60.0, help="timed seconds in all")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per cell")
+    ap.add_argument("--per-block", type=int, default=3)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    train = load_images("mnist", "fixed", DATA, download=False).train
+    n = len(train)
+    probe = train.batch(torch.arange(2), None, ("x",))
+    runs = {}
+    for cell in ALL_CELLS:
+        key = run_key(cell)
+        if key in runs:
+            continue
+        preset = ARCH[cell.layers][1]
+        torch.manual_seed(0)
+        loss = "Trace_ELBO" if cell.objective == "VAE" or cell.k == 1 else "IWAE"
+        runs[key] = (cell, runner_contender(copy.deepcopy(BUILD[preset]()), loss, cell.k, probe, n))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    names = list(runs)
+    for name in names:  # warm-up
+        for i in range(3):
+            runs[name][1](train.batch(perm[i * BATCH:(i + 1) * BATCH], None, ("x",)))
+    times = {name: [] for name in names}
+    t0, b = time.perf_counter(), 0
+    while time.perf_counter() - t0 < a.seconds or b < 2:
+        for name in (names if b % 2 == 0 else names[::-1]):
+            start = (b * a.per_block * BATCH) % (n - a.per_block * BATCH)
+            batches = [train.batch(perm[start + i * BATCH:start + (i + 1) * BATCH], None, ("x",))
+                       for i in range(a.per_block)]
+            t = time.perf_counter()
+            for args in batches:
+                runs[name][1](args)
+            times[name].append((time.perf_counter() - t) / a.per_block * 1e3)
+        b += 1
+    steps = PAPER_PASSES * (n // BATCH)
+    print(f"torch {torch.__version__}, pyro {pyro.__version__}; {torch.get_num_threads()} torch "
+          f"thread(s) per cell, machine cores {os.cpu_count()}, load {os.getloadavg()[0]:.2f}; "
+          f"{b} interleaved blocks x {a.per_block} steps per run, batch {BATCH}")
+    print(f"{'run (cells)':<34} {'loss':<12} {'ms/step':>8} {'3,280 passes (h)':>17}")
+    total = 0.0
+    for name in names:
+        cell, _ = runs[name]
+        ms = statistics.median(times[name])
+        hours = ms * steps / 3.6e6
+        total += hours
+        loss = "Trace_ELBO" if cell.objective == "VAE" or cell.k == 1 else "IWAE"
+        print(f"{name:<34} {loss + f' k={cell.k}':<12} {ms:>8.2f} {hours:>17.1f}")
+    print(f"the full table: {total:.0f} CPU-hours of training at {torch.get_num_threads()} "
+          f"thread(s) per run; about {total / max(1, (os.cpu_count() or 1) // a.threads) / 24:.1f} "
+          f"days on this machine's {os.cpu_count()} cores, one run per core")
+
+
+if __name__ == "__main__":
+    main()
