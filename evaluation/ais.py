@@ -80,7 +80,7 @@ from pyro.poutine.util import site_is_subsample
 
 from evaluation.api import EvalOptions, describe, load_run
 from evaluation.plotting import plt, run_title, save
-from inference.importance import DEFAULT_MEMORY, estimate_log_marginal, probe
+from inference.importance import DEFAULT_MEMORY, estimate_log_marginal, flush_denormals, probe
 from inference.progress import progress as progress_bar
 from inference.systems import get_system
 from models.common import GenlabError, config_defaults
@@ -540,6 +540,7 @@ def _structure(model, guide, args, kwargs, data_plate):
     return st, n_all
 
 
+@flush_denormals()  # denormals slow the CPU ~100x and change no number here (see there)
 def _run(model, guide, args, kwargs, *, num_chains, num_steps, schedule_kind, init,
          leapfrog_steps, target_accept, pilot, memory, progress, data_plate, start=None,
          direction="forward", desc="AIS"):

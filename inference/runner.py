@@ -43,6 +43,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from inference import distributed
+from inference.importance import flush_denormals
 from inference.losses import LOSSES, make_loss
 from inference.progress import progress
 from inference.schedules import SCHEDULES, get_schedule
@@ -862,7 +863,7 @@ class Trainer:
                               f"{self.cfg.epochs}): nothing was trained")
         for note in self.notes if self.dist.main else ():  # said even with --quiet
             print(f"note: {note}", file=sys.stderr, flush=True)
-        with sigint_requests_stop() as stop:
+        with sigint_requests_stop() as stop, flush_denormals():
             while self.st.epoch < self.cfg.epochs:
                 t0 = time.perf_counter()
                 self.run_epoch(stop, left)

@@ -166,3 +166,45 @@ def test_train_if_missing_continues_to_the_epochs_asked_for(data_dir, tmp_path):
     train_if_missing(small(data_dir, epochs=1), tmp_path / "grow")
     train_if_missing(small(data_dir, epochs=3), tmp_path / "grow")
     assert steps_of(tmp_path / "whole") == steps_of(tmp_path / "grow")
+
+
+def test_flush_denormals_nests_and_restores():
+    from inference.importance import flush_denormals
+
+    tiny = torch.tensor([1e-39])  # a float32 denormal
+    assert (tiny * 1.5).item() > 0
+    with flush_denormals():
+        with flush_denormals():
+            pass
+        assert (tiny * 1.5).item() == 0  # still on after the inner block
+    assert (tiny * 1.5).item() > 0  # off again after the outer one
+
+
+def test_flushing_denormals_changes_no_number(data_dir, tmp_path, monkeypatch):
+    """Training (IWAE k = 50, where the weights of most particles go far below 1e-38) and an
+    estimate, with and without flushing: the same losses and estimates, bit for bit."""
+    import contextlib
+
+    import numpy as np
+
+    import evaluation.ais
+    import inference.importance
+    import inference.runner
+    from evaluation.api import load_run
+    from inference.importance import estimate_log_marginal
+
+    def run(name):
+        cfg = small(data_dir, loss="IWAE", k=50, epochs=1, limit=128)
+        train(cfg, tmp_path / name, progress=False)
+        system = load_run(tmp_path / name).system
+        x = torch.bernoulli(torch.full((8, 784), 0.3), generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        est = estimate_log_marginal(system.model, system.guide, x, num_samples=500)
+        return steps_of(tmp_path / name), np.asarray(est.log_marginal)
+
+    flushed = run("flushed")
+    for module in (inference.runner, inference.importance, evaluation.ais):
+        monkeypatch.setattr(module, "flush_denormals", contextlib.nullcontext, raising=False)
+    plain = run("plain")
+    assert flushed[0] == plain[0]
+    assert np.array_equal(flushed[1], plain[1])
