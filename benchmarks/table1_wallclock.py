@@ -8,7 +8,7 @@ architecture), the runner's step (``inference.runner.Objective`` with the cell's
 ``loss.item()``, backward, the burda schedule's Adam step; the body of the runner's training
 loop, as in ``benchmarks/iwae_step.py``) on batches of 20 fixed-binarized training images is
 timed in interleaved blocks (A B C ... then reversed; the figure is the median block time per
-step).  The estimate per cell is ms/step x 2,500 steps per pass x 3,280 passes; it leaves out
+step), with denormals flushed as the runner does (``inference.importance.flush_denormals``).  The estimate per cell is ms/step x 2,500 steps per pass x 3,280 passes; it leaves out
 the per-epoch validation, checkpoints and the dynamic binarization draw (each well under 1 % of
 an epoch in ``runs/reproduce``'s logs), and the final IWAE K = 5000 evaluation.  Two cores run
 two one-thread cells at once, so the table's wall-clock on this machine is about half the sum.
@@ -33,6 +33,7 @@ from iwae_step import DATA, runner_contender  # noqa: E402  (benchmarks/ is the 
 
 from evaluation.reproduce import ALL_CELLS, ARCH, PAPER_PASSES, run_key  # noqa: E402
 from inference.data import load_images  # noqa: E402
+from inference.importance import flush_denormals  # noqa: E402
 from models.iwae import TwoLayerVAE  # noqa: E402
 from models.vae import build_vae  # noqa: E402
 
@@ -41,6 +42,11 @@ BUILD = {"iwae-1layer": lambda: build_vae(preset="iwae-1layer"), "iwae-2layer": 
 
 
 def main(argv=None) -> None:
+    with flush_denormals():  # as the runner trains
+        _main(argv)
+
+
+def _main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=60.0, help="timed seconds in all")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per cell")
