@@ -319,7 +319,11 @@ def render(records: dict, cells: Sequence[Cell], meta: dict, skipped: dict) -> s
             f"{_fmt(r['log_px'] - p_val)} | {_au(r)} ({p_au}) | {r['epochs']} | "
             f"{r['budget']} | {r['train_seconds']:.0f} | "
             f"{r['train_seconds'] / max(r['epochs'], 1) * PAPER_PASSES / 3600:.1f} | {r['device']} |")
-    lines += ["", "Table 1's orderings, on the measured values (difference ± its standard error):",
+    lines += ["", "'train s' is each run's own training time on its machine, under whatever load it "
+              "ran; the column after it scales it to 3,280 passes. Step times measured side by "
+              "side, and the full table's wall-clock from them: `python "
+              "benchmarks/table1_wallclock.py`.",
+              "", "Table 1's orderings, on the measured values (difference ± its standard error):",
               ""]
     lines += [f"- {claim}: {verdict}" for claim, verdict in ordering(records)]
     lines += ["", "Active units: Cov_x(E_q[u]) > 10⁻² per stochastic layer (z, or z1+z2), on the "
