@@ -101,9 +101,11 @@ def main(argv=None) -> None:
                     "(default: 300 untimed steps from scratch)")
     ap.add_argument("--eval-run", help="(b) a trained VAE run to evaluate (e.g. runs/vae-d20)")
     ap.add_argument("--seconds", type=float, default=40.0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, pyro {pyro.__version__}, 1 thread, load {os.getloadavg()[0]:.2f}")
+    torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, pyro {pyro.__version__}, {torch.get_num_threads()} thread(s), "
+          f"load {os.getloadavg()[0]:.2f}")
     data = load_images("mnist", "fixed", DATA, download=False)
     from evaluation.api import load_run
 

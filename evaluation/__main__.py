@@ -1,5 +1,5 @@
 import sys
 
-from evaluation.cli import main
+from evaluation.cli import script
 
-sys.exit(main())
+sys.exit(script())

@@ -23,6 +23,7 @@ from evaluation.api import EvalOptions, describe, evaluate, read_config
 from evaluation.reports import REPORTS, get_report
 from inference import distributed
 from inference.cli import Parser, fail
+from inference.importance import flush_denormals_in_process
 from inference.systems import add_config_arguments
 from models.common import GenlabError, fill_defaults
 
@@ -157,6 +158,13 @@ def _run_system(run_dir):
         return read_config(run_dir).system, None
     except GenlabError as e:
         return None, e
+
+
+def script() -> int:
+    """``python -m evaluation`` and ``genlab-eval``: :func:`main` in a process that flushes
+    denormals in every thread (``inference.importance.flush_denormals_in_process``)."""
+    flush_denormals_in_process()
+    return main()
 
 
 def main(argv=None) -> int:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from evaluation.api import evaluate
+from inference.importance import flush_denormals_in_process
 from inference.runner import CHECKPOINT, RunConfig, load_checkpoint, read_metrics, train_if_missing
 from inference.schedules import get_schedule
 from inference.systems import get_system
@@ -443,4 +444,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    flush_denormals_in_process()  # before torch starts its threads (see there)
     sys.exit(main())

@@ -1,5 +1,5 @@
 import sys
 
-from inference.cli import main
+from inference.cli import script
 
-sys.exit(main())
+sys.exit(script())

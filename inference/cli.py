@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from inference import distributed
+from inference.importance import flush_denormals_in_process
 from inference.runner import RunConfig, train
 from inference.schedules import get_schedule
 from inference.systems import SYSTEMS, add_config_arguments, get_system
@@ -104,6 +105,13 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     data_args = spec.resolve_data({k: given.get(k, d) for k, d in spec.data_defaults().items()})
     return RunConfig(system=ns.system, system_args=system_args, data_args=data_args,
                      data_dir=given.get("data_dir"), **values)
+
+
+def script() -> int:
+    """``python -m inference`` and ``genlab-train``: :func:`main` in a process that flushes
+    denormals in every thread (``inference.importance.flush_denormals_in_process``)."""
+    flush_denormals_in_process()
+    return main()
 
 
 def main(argv=None) -> int:

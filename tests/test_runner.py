@@ -208,3 +208,22 @@ def test_flushing_denormals_changes_no_number(data_dir, tmp_path, monkeypatch):
     plain = run("plain")
     assert flushed[0] == plain[0]
     assert np.array_equal(flushed[1], plain[1])
+
+
+def test_command_line_processes_flush_denormals_for_good_unless_opted_out():
+    """The process-wide setting (python -m inference/evaluation) survives flush_denormals
+    blocks; GENLAB_FLUSH_DENORMALS=0 leaves the default."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from inference.importance import flush_denormals, flush_denormals_in_process\n"
+            "applied = flush_denormals_in_process()\n"
+            "with flush_denormals():\n"
+            "    pass\n"
+            "print(applied, (torch.tensor([1e-39]) * 1.5).item() == 0)\n")
+    for env, want in (("1", "True True"), ("0", "False False")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "GENLAB_FLUSH_DENORMALS": env}, check=True)
+        assert out.stdout.split() == want.split()
