@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import MISSING, field, fields
 from typing import Optional, Sequence
 
@@ -17,12 +18,13 @@ def option(default=None, help: str = "", choices: Optional[Sequence] = None, par
 
     Config dataclasses (``VAEConfig``, ``ImageData``, ``RunConfig``, ...) are the one source of
     every default: the command-line flags, their help (with "(default X)" appended) and the
-    recorded ``config.json`` are all generated from them.  List defaults are copied per use.
+    recorded ``config.json`` are all generated from them.  List defaults are (deep-)copied per use.
     ``parse`` overrides the flag's parser, which otherwise follows the field's type.
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "parse": parse}
-    if isinstance(default, list):
-        return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
+    if isinstance(default, list):  # a fresh (deep) copy per use: lists may nest
+        frozen = copy.deepcopy(default)
+        return field(default_factory=lambda: copy.deepcopy(frozen), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -81,6 +83,20 @@ def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
         if i < len(sizes) - 2:
             layers.append(_ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
+
+
+def preset_args(cls, presets: dict, preset: Optional[str], given: dict, what: str) -> dict:
+    """A model's full architecture from its config dataclass ``cls``: the defaults, then the
+    named preset ``presets[preset]``, then the ``given`` arguments that are not None (the
+    ``preset`` field itself left out)."""
+    args = fill_defaults(cls, {})
+    args.pop("preset", None)
+    if preset is not None:
+        if preset not in presets:
+            raise GenlabError(f"unknown {what} preset {preset!r}; choose one of {', '.join(presets)}")
+        args.update(presets[preset])
+    args.update({k: v for k, v in given.items() if v is not None})
+    return args
 
 
 def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

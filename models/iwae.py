@@ -25,7 +25,7 @@ the data plate, so the importance-weighted estimator evaluates the pair per imag
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -36,7 +36,16 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 from torch.nn import functional as F
 
-from models.common import _ACTIVATIONS, Bernoulli, GenlabError, check_binary, data_plate, mlp
+from models.common import (
+    _ACTIVATIONS,
+    Bernoulli,
+    GenlabError,
+    check_binary,
+    data_plate,
+    mlp,
+    option,
+    preset_args,
+)
 
 #: Named architectures (only the paper's, for now).
 PRESETS = {
@@ -61,26 +70,18 @@ def hidden_pair(text: str) -> list:
     return parts
 
 
-def _meta(help: str, choices=None, parse=None) -> dict:
-    # the keys models.common.option() writes, read by the generated command line
-    return {"help": help, "choices": tuple(choices) if choices else None, "parse": parse}
-
-
 @dataclass
 class IWAE2Config:
     """The two-layer pair's architecture: the one source of its defaults (the paper's)."""
 
-    preset: Optional[str] = field(default=None, metadata=_meta(
-        "a named architecture, applied before the options below", choices=PRESETS))
-    latent_dims: list[int] = field(default_factory=lambda: [100, 50], metadata=_meta(
-        "sizes of z1 and z2"))
-    hidden: list = field(default_factory=lambda: [[200, 200], [100, 100]], metadata=_meta(
-        "tanh layers between x and z1, and between z1 and z2, e.g. 200,200/100,100",
-        parse=hidden_pair))
-    activation: str = field(default="tanh", metadata=_meta(
-        "nonlinearity", choices=("relu", "tanh", "softplus", "elu")))
-    scale: str = field(default="exp", metadata=_meta(
-        "Gaussian scale: exp(linear) as the paper, or softplus(linear) + 1e-4", choices=SCALES))
+    preset: Optional[str] = option(None, "a named architecture, applied before the options below",
+                                   choices=PRESETS)
+    latent_dims: list[int] = option([100, 50], "sizes of z1 and z2")
+    hidden: list = option([[200, 200], [100, 100]], "tanh layers between x and z1, and between "
+                          "z1 and z2, e.g. 200,200/100,100", parse=hidden_pair)
+    activation: str = option("tanh", "nonlinearity", choices=("relu", "tanh", "softplus", "elu"))
+    scale: str = option("exp", "Gaussian scale: exp(linear) as the paper, or softplus(linear) + "
+                        "1e-4", choices=SCALES)
 
 
 class GaussianLayer(nn.Module):
@@ -183,12 +184,7 @@ class TwoLayerVAE(nn.Module):
 def iwae2_args(preset: Optional[str] = None, **kwargs) -> dict:
     """The full architecture: the paper's defaults, then the preset, then explicit arguments
     (not None).  ``hidden`` is two lists: the layers between x and z1, between z1 and z2."""
-    args = {f: v for f, v in IWAE2Config().__dict__.items() if f != "preset"}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise GenlabError(f"unknown two-layer preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        args.update(PRESETS[preset])
-    args.update({k: v for k, v in kwargs.items() if v is not None})
+    args = preset_args(IWAE2Config, PRESETS, preset, kwargs, "two-layer")
     args["latent_dims"] = [int(d) for d in args["latent_dims"]]
     args["hidden"] = [[int(h) for h in hs] for hs in args["hidden"]]
     if args["scale"] not in SCALES:

@@ -31,9 +31,9 @@ from models.common import (
     GenlabError,
     check_binary,
     data_plate,
-    fill_defaults,
     mlp,
     option,
+    preset_args,
 )
 
 #: Named architectures: latent size, hidden sizes, nonlinearity.
@@ -118,13 +118,7 @@ class VAE(nn.Module):
 
 def vae_args(preset: Optional[str] = None, **kwargs) -> dict:
     """The full architecture: defaults, then the preset, then explicit arguments (not None)."""
-    args = fill_defaults(VAEConfig, {})
-    del args["preset"]
-    if preset is not None:
-        if preset not in PRESETS:
-            raise GenlabError(f"unknown VAE preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        args.update(PRESETS[preset])
-    args.update({k: v for k, v in kwargs.items() if v is not None})
+    args = preset_args(VAEConfig, PRESETS, preset, kwargs, "VAE")
     args["hidden"] = [int(h) for h in args["hidden"]]
     return dict(preset=preset, **args)
 
