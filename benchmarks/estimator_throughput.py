@@ -343,62 +343,45 @@ def main() -> None:
            N, K, imp_cap, t_start)
 
 
-def report(res, roles, variants, workers, imp, joint, joint_n, ends, mm, skipped, rounds, done_n,
-           N, K, imp_cap, t_start) -> None:
-    """The figures of one run: rates, page faults, memory, agreement, FLOP shares, ratios."""
-    def total(role):
+def decoder_flops(n: int, K: int) -> float:
+    """Multiply-adds x 2 of the decoder for n images x K draws."""
+    return 2 * K * n * (LATENT * HIDDEN + HIDDEN * XDIM)
+
+
+def encoder_flops(n: int) -> float:
+    return 2 * n * (XDIM * HIDDEN + HIDDEN * 2 * LATENT)
+
+
+def flops(n: int, K: int) -> float:
+    return decoder_flops(n, K) + encoder_flops(n)
+
+
+LABELS = {
+    "genlab": "genlab estimate_log_marginal",
+    "renyi": "Pyro RenyiELBO(alpha=0), 1 image/call",
+    "plain": "plain PyTorch IWAE (the ceiling)",
+    "genlab-malloc": "[variant] genlab, glibc mmap/trim thresh. 1 TiB",
+}
+
+
+def _totals(res, roles) -> dict:
+    """Per contender: (images, seconds, every round ok, page faults per image)."""
+    out = {}
+    for role in roles:
         ok = [q for q in res[role] if q["ok"]]
         n, sec = sum(q["n"] for q in ok), sum(q["seconds"] for q in ok)
-        flt = sum(q["minflt"] for q in ok) / max(n, 1)
-        return n, sec, len(ok) == len(res[role]), flt
+        out[role] = (n, sec, len(ok) == len(res[role]), sum(q["minflt"] for q in ok) / max(n, 1))
+    return out
 
-    tot = {r: total(r) for r in roles}
-    gn, gs = tot["genlab"][:2]
-    g_ips = gn / gs
-    r_ips = tot["renyi"][0] / tot["renyi"][1]
-    sec_per_img = {r: [q["seconds"] / q["n"] for q in res[r] if q["ok"] and q["n"]] for r in roles}
-    ratio_rounds = statistics.median(r_ / g_ for r_, g_ in zip(sec_per_img["renyi"], sec_per_img["genlab"]))
-    i_ips = imp["n"] / imp["seconds"] if imp["ok"] and imp["n"] else float("nan")
 
-    def dec_flops(n):
-        return 2 * K * n * (LATENT * HIDDEN + HIDDEN * XDIM)
-
-    def enc_flops(n):
-        return 2 * n * (XDIM * HIDDEN + HIDDEN * 2 * LATENT)
-
-    machine = statistics.median(mm)
-    achieved = (dec_flops(gn) + enc_flops(gn)) / gs
-    share = achieved / machine
-    share_rounds = statistics.median(
-        (dec_flops(q["n"]) + enc_flops(q["n"])) / q["seconds"] / m for q, m in zip(res["genlab"], mm[1:]))
-
-    # agreement of the estimates (different random draws: Monte Carlo noise only)
-    g_vals = [v for q in res["genlab"] for v in q["values"]]
-    r_vals = [v for q in res["renyi"] for v in q["values"]]
-    d_r = statistics.median(abs(u - v) for u, v in zip(g_vals, r_vals)) if r_vals else float("nan")
-    d_i = (statistics.median(abs(u - v) for u, v in zip(g_vals, imp["values"]))
-           if imp["values"] else float("nan"))
-
+def _print_contenders(res, roles, tot, workers, imp, joint, joint_n, ends, N, K, imp_cap) -> float:
+    """The table of contenders (rate, page faults, memory); returns Importance's rate."""
     def mem(role):
         # the peak after the contender's own timed work (RenyiELBO's memory check comes later)
         peak = res[role][-1]["maxrss"] if role in res else ends[role]["maxrss"]
         base = workers[role].ready["base_rss"]
         return f"{fmt_mib(peak)} (+{fmt_mib(peak - base)})"
 
-    print(f"matmul rate (2048x2048 float32, {len(mm)} timings, one before and one after each round): "
-          f"median {machine / 1e9:.1f} GFLOP/s (range {min(mm) / 1e9:.1f}-{max(mm) / 1e9:.1f})")
-    nb, kb = workers["genlab"].ready["chunk"]
-    print(f"genlab chunk under the 1 GiB budget: {nb} images x {kb} particles per log_weights call")
-    if skipped:
-        print(f"NOTE: time budget reached: {skipped} of {rounds} rounds skipped; the interleaved "
-              f"contenders ran on the first {done_n} images only")
-    print()
-    label = {
-        "genlab": "genlab estimate_log_marginal",
-        "renyi": "Pyro RenyiELBO(alpha=0), 1 image/call",
-        "plain": "plain PyTorch IWAE (the ceiling)",
-        "genlab-malloc": "[variant] genlab, glibc mmap/trim thresh. 1 TiB",
-    }
     print(f"{'contender':<48} {'images':>6} {'seconds':>8} {'img/s':>7} {'page faults/img':>15} "
           f"{'peak RSS (+above set-up)':>25}  note")
     for role in roles:
@@ -408,7 +391,8 @@ def report(res, roles, variants, workers, imp, joint, joint_n, ends, mm, skipped
             note = ("env MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ (genlab already keeps "
                     "freed memory: expect genlab's figure) " + note)
         ips = n / sec if sec else float("nan")
-        print(f"{label[role]:<48} {n:>6} {sec:>8.1f} {ips:>7.2f} {flt:>15.0f} {mem(role):>25}  {note}")
+        print(f"{LABELS[role]:<48} {n:>6} {sec:>8.1f} {ips:>7.2f} {flt:>15.0f} {mem(role):>25}  {note}")
+    i_ips = imp["n"] / imp["seconds"] if imp["ok"] and imp["n"] else float("nan")
     if imp["ok"] and imp["k_run"] < K:
         inote = (f"capped: 1 image with {imp['k_run']} samples, time scaled x{K / imp['k_run']:.0f} to K={K}; "
                  f"extrapolated to {N} images: {N / i_ips:.0f} s")
@@ -422,30 +406,77 @@ def report(res, roles, variants, workers, imp, joint, joint_n, ends, mm, skipped
              f"OUT OF MEMORY under the 1 GiB cap ({joint['error'][:110]})")
     print(f"{f'[memory check] RenyiELBO, {joint_n} images in 1 call':<48} {'':>6} {'':>8} {'':>7} {'':>15} "
           f"{'':>25}  {jnote}")
-    print()
+    return i_ips
+
+
+def _print_agreement(res, imp, K: int) -> None:
+    """Median |genlab - other| over shared images (different draws: Monte Carlo noise only)."""
+    g_vals = [v for q in res["genlab"] for v in q["values"]]
+    r_vals = [v for q in res["renyi"] for v in q["values"]]
+    d_r = statistics.median(abs(u - v) for u, v in zip(g_vals, r_vals)) if r_vals else float("nan")
+    d_i = (statistics.median(abs(u - v) for u, v in zip(g_vals, imp["values"]))
+           if imp["values"] else float("nan"))
     print(f"estimates agree (median |genlab - other| over shared images, nats): RenyiELBO {d_r:.3f}, "
           f"Importance {'n/a (fewer samples)' if imp['k_run'] < K else f'{d_i:.3f}'}")
-    print(f"genlab FLOPs: decoder {dec_flops(gn) / 1e12:.3f} TFLOP + encoder {enc_flops(gn) / 1e9:.3f} GFLOP "
+
+
+def _print_shares(res, variants, tot, machine, mm, K) -> None:
+    """genlab's FLOP rate against the machine's matmul rate, and the target."""
+    gn, gs = tot["genlab"][:2]
+    achieved = flops(gn, K) / gs
+    share = achieved / machine
+    share_rounds = statistics.median(
+        flops(q["n"], K) / q["seconds"] / m for q, m in zip(res["genlab"], mm[1:]))
+    print(f"genlab FLOPs: decoder {decoder_flops(gn, K) / 1e12:.3f} TFLOP + encoder {encoder_flops(gn) / 1e9:.3f} GFLOP "
           f"in {gs:.1f} s = {achieved / 1e9:.1f} GFLOP/s = {100 * share:.1f}% of the median matmul rate "
           f"(median of per-round shares {100 * share_rounds:.1f}%)")
     for role in variants:
         n, sec = tot[role][:2]
         if not sec:
             continue
-        print(f"  {label[role]}: {(dec_flops(n) + enc_flops(n)) / sec / 1e9:.1f} GFLOP/s = "
-              f"{100 * (dec_flops(n) + enc_flops(n)) / sec / machine:.1f}% of the matmul rate")
+        print(f"  {LABELS[role]}: {flops(n, K) / sec / 1e9:.1f} GFLOP/s = "
+              f"{100 * flops(n, K) / sec / machine:.1f}% of the matmul rate")
     print(f"decoder FLOP share {100 * share:.1f}%; target >= {100 * TARGET_SHARE:.0f}%: "
           f"{'MET' if share >= TARGET_SHARE else 'NOT MET'}")
+
+
+def _print_ratios(res, roles, tot, i_ips, machine, K) -> None:
+    """genlab against RenyiELBO, Importance and the plain-PyTorch ceiling."""
+    g_ips = tot["genlab"][0] / tot["genlab"][1]
+    r_ips = tot["renyi"][0] / tot["renyi"][1]
+    sec_per_img = {r: [q["seconds"] / q["n"] for q in res[r] if q["ok"] and q["n"]] for r in roles}
+    ratio_rounds = statistics.median(r_ / g_ for r_, g_ in zip(sec_per_img["renyi"], sec_per_img["genlab"]))
     print(f"side by side: genlab {g_ips:.2f} img/s vs RenyiELBO {r_ips:.2f} img/s = {g_ips / r_ips:.2f}x "
           f"(median per-round {ratio_rounds:.2f}x); vs Importance {i_ips:.3f} img/s (extrapolated) = "
           f"{g_ips / i_ips:.0f}x")
     p_ips = tot["plain"][0] / tot["plain"][1]
-    p_share = (dec_flops(tot["plain"][0]) + enc_flops(tot["plain"][0])) / tot["plain"][1] / machine
+    p_share = flops(tot["plain"][0], K) / tot["plain"][1] / machine
     ceil_rounds = statistics.median(p_ / g_ for p_, g_ in zip(sec_per_img["plain"], sec_per_img["genlab"]))
     print(f"genlab / plain PyTorch ceiling: {g_ips:.2f} vs {p_ips:.2f} img/s = {100 * g_ips / p_ips:.0f}% "
           f"(median per-round {100 * ceil_rounds:.0f}%; target >= {100 * CEILING_SHARE:.0f}%: "
           f"{'MET' if g_ips / p_ips >= CEILING_SHARE else 'NOT MET'}); the ceiling itself runs at "
           f"{100 * p_share:.1f}% of the matmul rate")
+
+
+def report(res, roles, variants, workers, imp, joint, joint_n, ends, mm, skipped, rounds, done_n,
+           N, K, imp_cap, t_start) -> None:
+    """The figures of one run: the machine, the contenders' table, agreement, FLOP shares and
+    the ratios, in that order."""
+    tot = _totals(res, roles)
+    machine = statistics.median(mm)
+    print(f"matmul rate (2048x2048 float32, {len(mm)} timings, one before and one after each round): "
+          f"median {machine / 1e9:.1f} GFLOP/s (range {min(mm) / 1e9:.1f}-{max(mm) / 1e9:.1f})")
+    nb, kb = workers["genlab"].ready["chunk"]
+    print(f"genlab chunk under the 1 GiB budget: {nb} images x {kb} particles per log_weights call")
+    if skipped:
+        print(f"NOTE: time budget reached: {skipped} of {rounds} rounds skipped; the interleaved "
+              f"contenders ran on the first {done_n} images only")
+    print()
+    i_ips = _print_contenders(res, roles, tot, workers, imp, joint, joint_n, ends, N, K, imp_cap)
+    print()
+    _print_agreement(res, imp, K)
+    _print_shares(res, variants, tot, machine, mm, K)
+    _print_ratios(res, roles, tot, i_ips, machine, K)
     print(f"(total wall time {time.perf_counter() - t_start:.1f} s)")
 
 
