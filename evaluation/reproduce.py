@@ -49,8 +49,6 @@ from inference.systems import get_system
 from models.common import GenlabError
 from models.iwae import active_units
 
-ROOT = Path(__file__).resolve().parents[1]
-
 #: Burda, Grosse & Salakhutdinov (2015), "Importance Weighted Autoencoders", ICLR 2016
 #: (arXiv:1509.00519), Table 1, MNIST (dynamic binarization), test negative log-likelihood in
 #: nats (IWAE estimate with k = 5000 on the 10,000 test images after 3,280 passes) and active

@@ -393,11 +393,6 @@ def _psis(lw: np.ndarray) -> tuple:
     return out, np.where(np.isfinite(out) & (out != -1.0), psis, np.nan)
 
 
-def _khat(lw: np.ndarray) -> np.ndarray:
-    """Pareto k-hat per row of ``lw`` ``(n, K)`` (see :func:`_psis`)."""
-    return _psis(lw)[0]
-
-
 class WeightStats(NamedTuple):
     """Per-datapoint statistics of float64 log weights ``(K, n)`` (tensors except ``khat``)."""
 

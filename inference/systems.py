@@ -26,8 +26,6 @@ from inference import data as data_module
 from models import cvae, dirichlet, hetero, iwae, meta, pixelrnn, vae
 from models.common import GenlabError, config_defaults
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # ----------------------------------------------------------------------------- flags from configs
 def int_list(text: str, minimum: int = 1) -> list:
