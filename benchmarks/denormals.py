@@ -7,9 +7,10 @@ no number.
 the training loop as in ``benchmarks/iwae_step.py``) on the one-layer IWAE-paper VAE, started
 from ``--run``'s weights when given (denormals appear once a model has trained: most of the 50
 self-normalized weights fall below 1e-38), else from 300 untimed steps from scratch.  Flushing
-off and on are two copies of the same model, stepped in interleaved blocks (the flag set before
-each block); then both are stepped 50 times more from the same state and seed, and every loss
-compared bit for bit.
+off and on are two copies of the same model, stepped in interleaved blocks of 3 steps
+(``time_interleaved`` of benchmarks/runner_overhead.py, 2 warm-up steps; each contender sets
+the flag before its step); then both are stepped 50 times more from the same state and seed,
+and every loss compared bit for bit.
 (b) Evaluation: ``estimate_log_marginal`` with K = 1000 on 48 fixed-binarized test images with
 ``--eval-run``'s model (if given), without and with the estimator's flushing, twice each, the
 estimates compared bit for bit.
@@ -32,10 +33,13 @@ import numpy as np  # noqa: E402
 import pyro  # noqa: E402
 import torch  # noqa: E402
 from iwae_step import DATA, runner_contender  # noqa: E402  (benchmarks/ is the script's folder)
+from runner_overhead import time_interleaved  # noqa: E402
 
 from inference.data import load_images  # noqa: E402
 from inference.importance import estimate_log_marginal  # noqa: E402
 from models.vae import build_vae  # noqa: E402
+
+MAX_BLOCKS = 400  # rounds at most, 3 steps per contender each
 
 
 def batches(train, count: int, start: int = 0):
@@ -51,17 +55,16 @@ def training(vae, train, seconds: float, warm: int) -> None:
         for args in batches(train, warm):
             step(args)
     steps = {flag: runner_contender(copy.deepcopy(vae), "IWAE", 50, probe, n) for flag in (False, True)}
-    times = {False: [], True: []}
-    t0, b = time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds or b < 4:
-        for flag in ((False, True) if b % 2 == 0 else (True, False)):
+
+    def flagged(flag):  # the contender sets the CPU's mode before each of its steps
+        def step(args):
             torch.set_flush_denormal(flag)
-            chunk = batches(train, 3, warm + b * 3)
-            t = time.perf_counter()
-            for args in chunk:
-                steps[flag](args)
-            times[flag].append((time.perf_counter() - t) / 3 * 1e3)
-        b += 1
+            return steps[flag](args)
+        return step
+
+    times = time_interleaved({False: flagged(False), True: flagged(True)},
+                             batches(train, 2 + MAX_BLOCKS * 3, warm), 2, MAX_BLOCKS, 3, seconds)
+    b = len(times[False])
     off, on = statistics.median(times[False]), statistics.median(times[True])
     print(f"(a) IWAE k=50 training step, batch 20, {b} interleaved blocks of 3 steps: flushing off "
           f"{off:.2f} ms, on {on:.2f} ms ({off / on:.2f}x)")

@@ -715,8 +715,9 @@ def flush_denormals():
     model trains), the exp inside softplus of a confident decoder's logits (l < -87).  Measured
     on the 2-core CPU (``python benchmarks/denormals.py --eval-run runs/vae-d20``): an IWAE
     k = 50 training step of the paper's one-layer model after 300 steps, 61.4 -> 23.9 ms; an
-    IWAE K = 1000 estimate of 48 test images, 0.69 -> 0.47 s (``runs/vae-d4``: 0.75 -> 0.45).  A denormal's contribution to any sum with a normal-
-    sized term is below float32 rounding, so the numbers stay the same: bitwise-identical
+    IWAE K = 1000 estimate of 48 test images, 0.69 -> 0.47 s (``runs/vae-d4``: 0.75 -> 0.45).
+    A denormal's contribution to any sum with a normal-sized term is below float32 rounding,
+    so the numbers stay the same: bitwise-identical
     losses and parameters over 150 steps of IWAE k = 50, Trace_ELBO k = 5 and DReG k = 5 on both
     paper architectures, and identical estimates on three trained VAEs (tests/test_runner.py
     checks a training run and an estimate).  A number whose every term is denormal would become
